@@ -1,0 +1,109 @@
+"""Configuration of BGA-MNER (Chen et al., "Learning Implicit Entity-object Relations by Bidirectional
+Generative Alignment for Multimodal NER", ACM MM 2023).
+
+The model is a BERT-family text branch and a CLIP-ViT visual branch, bridged by BGA layers. The
+choices that the paper leaves open are fields here, each with its documented default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from transformers import BertConfig, CLIPVisionConfig, PretrainedConfig
+
+# The one label list of the project: BIO over the four MNER types (Twitter2015's OTHER is read as MISC).
+MNER_LABELS: tuple[str, ...] = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC")
+
+
+class BgaMnerConfig(PretrainedConfig):
+    r"""Configuration for [`BgaMnerForTokenClassification`].
+
+    Args:
+        text_config (`BertConfig` or `dict`): the BERT-family text encoder (BERT-base uncased in the paper).
+        vision_config (`CLIPVisionConfig` or `dict`): the CLIP vision tower (ViT-B/32 in the paper).
+        num_bga_layers (`int`, *optional*): number N of BGA layers. Layer 0 of each tower is a plain
+            Transformer layer; layers 1..N are BGA layers. Defaults to all text layers but the first
+            (11 for BERT-base). The visual branch uses ViT layers 0..N-1: the last BGA layer's visual
+            extractor is left out, as nothing reads its output.
+        num_object_crops (`int`, defaults to 3): object crops per image besides the global image, so the
+            visual sequence has `(1 + num_object_crops) * tokens_per_image` tokens (200 for ViT-B/32).
+        max_text_length (`int`, defaults to 128): the longest text (in sub-words), and so the number of
+            learnable textual queries Q_t of the image2text generator.
+        generator_num_layers (`int`, defaults to 1): Transformer decoder layers in each cross-modal generator.
+            One layer at d=768 with `generator_intermediate_size=2048` is the paper's 7.9M-parameter G_t2v.
+        generator_intermediate_size (`int`, defaults to 2048): feed-forward width of the generators.
+        generator_dropout (`float`, defaults to 0.1): dropout inside the generators.
+        gumbel_temperature (`float`, defaults to 1.0): temperature of the samplers' Gumbel-Softmax (training).
+        sampler_keep_threshold (`float`, defaults to 0.5): at inference a token is kept when its keep
+            probability exceeds this (training samples hard masks with the straight-through Gumbel estimator).
+        alpha (`float`, defaults to 0.001): weight of the generation losses, Eq. (11).
+        detach_generation_targets (`bool`, defaults to `True`): the real features that the reconstruction
+            and cycle losses compare against are treated as constants, so a branch cannot lower the loss by
+            collapsing its own features (**choice**; the paper is silent).
+        use_sampler (`bool`): `False` is the paper's "w/o SCS" ablation: every valid token is kept.
+        use_cycle (`bool`): `False` is the paper's "w/o cycle" ablation.
+        use_generation (`bool`): `False` is "w/o SCS & w/o MCG": no visual branch, sampler or generator;
+            the model is BERT + linear + CRF.
+        inference_visual (`"generated"` or `"real"`): visual tokens the text extractor reads at inference.
+            "generated" (paper default) runs on text alone; "real" reads the visual branch's features when
+            an image is given (paper Table 4) and falls back to generated features otherwise.
+    """
+
+    model_type = "bga_mner"
+    sub_configs_defaults = {"text_config": BertConfig, "vision_config": CLIPVisionConfig}
+
+    text_config: BertConfig | dict | None = None
+    vision_config: CLIPVisionConfig | dict | None = None
+    num_bga_layers: int | None = None
+    num_object_crops: int = 3
+    max_text_length: int = 128
+    generator_num_layers: int = 1
+    generator_intermediate_size: int = 2048
+    generator_dropout: float = 0.1
+    gumbel_temperature: float = 1.0
+    sampler_keep_threshold: float = 0.5
+    alpha: float = 0.001
+    detach_generation_targets: bool = True
+    use_sampler: bool = True
+    use_cycle: bool = True
+    use_generation: bool = True
+    inference_visual: Literal["generated", "real"] = "generated"
+
+    def __post_init__(self, **kwargs):
+        if self.id2label is None and "num_labels" not in kwargs:
+            self.id2label = dict(enumerate(MNER_LABELS))
+            self.label2id = {label: i for i, label in enumerate(MNER_LABELS)}
+        super().__post_init__(**kwargs)
+        # The text branch uses text layers 0..N; the visual branch ViT layers 0..N-1 (the last BGA layer's
+        # visual extractor would feed nothing: no loss or head reads the visual branch's final output).
+        max_layers = min(self.text_config.num_hidden_layers - 1, self.vision_config.num_hidden_layers)
+        if self.num_bga_layers is None:
+            self.num_bga_layers = self.text_config.num_hidden_layers - 1
+        if not 1 <= self.num_bga_layers <= max_layers:
+            raise ValueError(
+                f"num_bga_layers={self.num_bga_layers} needs text layers 0..N and ViT layers 0..N-1; the text tower "
+                f"has {self.text_config.num_hidden_layers} and the vision tower {self.vision_config.num_hidden_layers} "
+                f"layers, so N is between 1 and {max_layers}."
+            )
+        if self.inference_visual not in ("generated", "real"):
+            raise ValueError(f"inference_visual must be 'generated' or 'real', got {self.inference_visual!r}.")
+        if self.num_object_crops < 0:
+            raise ValueError(f"num_object_crops must be >= 0, got {self.num_object_crops}.")
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens per image: CLIP's patches plus its class token (50 for ViT-B/32 at 224 px)."""
+        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2 + 1
+
+    @property
+    def num_image_slots(self) -> int:
+        """The global image plus the object crops."""
+        return 1 + self.num_object_crops
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """N_v: the length of the visual sequence, and the number of visual queries Q_v."""
+        return self.num_image_slots * self.tokens_per_image
+
+
+BgaMnerConfig.register_for_auto_class()
