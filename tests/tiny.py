@@ -51,8 +51,7 @@ def save_tiny_tokenizer(directory: Path) -> BertTokenizerFast:
     directory.mkdir(parents=True, exist_ok=True)
     pieces = list(string.ascii_lowercase + string.digits + string.punctuation)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *pieces, *("##" + p for p in pieces)]
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab={piece: i for i, piece in enumerate(vocab)}, do_lower_case=True)
     tokenizer.save_pretrained(directory)
     return tokenizer
 
@@ -90,3 +89,14 @@ def random_batch(
         pixel_values=pixel_values,
         pixel_mask=pixel_mask,
     )
+
+
+def tiny_processor(directory: Path, **overrides):
+    """A processor with the tiny tokenizer and a 32-pixel CLIP image processor (matches tiny_config)."""
+    from transformers import CLIPImageProcessorPil
+
+    from processing_bga_mner import BgaMnerProcessor
+
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    settings = dict(num_object_crops=2, max_length=32)
+    return BgaMnerProcessor(image_processor, save_tiny_tokenizer(directory), **{**settings, **overrides})

@@ -1,0 +1,296 @@
+"""Processor of BGA-MNER: words to sub-word tensors (with labels aligned to the first sub-word of each
+word), images and object crops to CLIP pixel tensors, and predictions back to one tag per word.
+
+Every word gets exactly one prediction back, also the words the tokenizer turns into nothing (a lone
+non-breaking space, zero-width characters, soft hyphens: they get "O"); no word is ever dropped: a text
+longer than `max_length` sub-words is split at word boundaries into windows whose predictions are
+merged back.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import BatchFeature, ProcessorMixin
+
+try:  # as a package (tests, scripts) or as the Hub's dynamic module
+    from .configuration_bga_mner import MNER_LABELS
+except ImportError:
+    from configuration_bga_mner import MNER_LABELS
+
+logger = logging.getLogger(__name__)
+
+ImageInput = Image.Image | str | Path | None
+TEXT_FIELDS = {  # padded field -> padding value
+    "input_ids": None,  # the tokenizer's pad id
+    "attention_mask": 0,
+    "token_type_ids": 0,
+    "labels": -100,
+    "prediction_mask": 0,
+    "word_index": -1,
+}
+WINDOW_FIELDS = ("example_index", "num_words")
+
+
+def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """Splits raw text at white space: the words and their character spans [start, end)."""
+    matches = list(re.finditer(r"\S+", text))
+    return [m.group() for m in matches], [m.span() for m in matches]
+
+
+class BgaMnerProcessor(ProcessorMixin):
+    r"""Tokenizer (BERT family, fast) + CLIP image processor (the Pillow one) for BGA-MNER.
+
+    Args:
+        image_processor: a `CLIPImageProcessorPil` (no torchvision needed).
+        tokenizer: a fast BERT-family tokenizer (word alignment needs `word_ids()`).
+        num_object_crops (`int`, defaults to 3): object crops per image; must equal the model's.
+        max_length (`int`, defaults to 128): sub-words per window, special tokens included.
+        label_all_subwords (`bool`, defaults to `False`): label every sub-word of a word (continuations
+            of a `B-X` word get `I-X`) instead of only the first; predictions are still read from the
+            first sub-word.
+        label_names (`list[str]`): the label list; defaults to the project's BIO list over PER/LOC/ORG/MISC.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_object_crops: int = 3,
+        max_length: int = 128,
+        label_all_subwords: bool = False,
+        label_names: Sequence[str] = MNER_LABELS,
+        **kwargs,
+    ):
+        self.num_object_crops = num_object_crops
+        self.max_length = max_length
+        self.label_all_subwords = label_all_subwords
+        self.label_names = list(label_names)
+        self.image_problems: Counter[str] = Counter()  # reason -> count of images read as missing
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------
+    # text
+
+    def __call__(
+        self,
+        words: Sequence[Sequence[str]] | Sequence[str] | None = None,
+        text: str | Sequence[str] | None = None,
+        labels: Sequence[Sequence[str | int]] | None = None,
+        images: Sequence[ImageInput] | None = None,
+        crops: Sequence[Sequence[ImageInput]] | None = None,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Encodes a batch. Give `words` (pre-split, one list per example, or one example as a list of
+        str) or `text` (raw strings, split at white space). `labels`: per word, names or ids.
+        `images`: per example a path, a PIL image or None; `crops`: per example a list of those.
+
+        Returns one row per window (a single window unless a text exceeds `max_length`): input_ids,
+        attention_mask, token_type_ids, prediction_mask (the first sub-word of each word), word_index
+        (which word of its example starts there, else -1), example_index, num_words, labels (if
+        given), and pixel_values (rows, 1 + crops, 3, H, W) with pixel_mask (rows, 1 + crops) if images
+        are given. Tensors are padded when `return_tensors="pt"`, plain lists otherwise.
+        """
+        if (words is None) == (text is None):
+            raise ValueError("Give either `words` (pre-split) or `text` (raw strings), not both or neither.")
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            words = [split_words(t)[0] for t in texts]
+        elif words and isinstance(words[0], str):
+            words = [words]
+        if labels is not None and labels and labels[0] is not None and not isinstance(labels[0], (list, tuple)):
+            labels = [labels]
+        rows = self.encode_words(words, labels)
+        if images is not None:
+            pixel_values, pixel_mask = self.load_images(images, crops)
+            examples = [row["example_index"] for row in rows]
+            for row, values, mask in zip(rows, pixel_values[examples], pixel_mask[examples], strict=True):
+                row["pixel_values"], row["pixel_mask"] = values, mask
+        if return_tensors == "pt":
+            return BatchFeature(self.pad(rows))
+        if return_tensors is not None:
+            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}.")
+        return BatchFeature({key: [row[key] for row in rows] for key in rows[0]} if rows else {})
+
+    def encode_words(
+        self, words: Sequence[Sequence[str]], labels: Sequence[Sequence[str | int]] | None = None
+    ) -> list[dict[str, list[int] | int]]:
+        """Unpadded encoding, one dict per window (see `__call__`); used by `datasets.map`."""
+        if labels is not None and len(labels) != len(words):
+            raise ValueError(f"Got {len(words)} examples but {len(labels)} label sequences.")
+        words = [list(w) for w in words]
+        label_ids = None
+        if labels is not None:
+            label_ids = [self._label_ids(i, w, tags) for i, (w, tags) in enumerate(zip(words, labels, strict=True))]
+        budget = self.max_length - self.tokenizer.num_special_tokens_to_add()
+        counts = self.tokenizer(words, is_split_into_words=True, add_special_tokens=False)
+        windows = []  # (example, first word, end word)
+        for example, example_words in enumerate(words):
+            per_word = Counter(i for i in counts.word_ids(example) if i is not None)
+            start, used = 0, 0
+            for i in range(len(example_words)):
+                if used + per_word[i] > budget and i > start:
+                    windows.append((example, start, i))
+                    start, used = i, 0
+                used += per_word[i]
+            windows.append((example, start, len(example_words)))
+        encoded = self.tokenizer(
+            [words[e][s:t] for e, s, t in windows],
+            is_split_into_words=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_token_type_ids=True,
+        )
+        rows = []
+        for row, (example, start, _) in enumerate(windows):
+            word_ids = encoded.word_ids(row)
+            first = [w is not None and (i == 0 or word_ids[i - 1] != w) for i, w in enumerate(word_ids)]
+            predicted = [w is not None and (self.label_all_subwords or f) for w, f in zip(word_ids, first, strict=True)]
+            item = {
+                "input_ids": encoded["input_ids"][row],
+                "attention_mask": encoded["attention_mask"][row],
+                "token_type_ids": encoded["token_type_ids"][row],
+                "prediction_mask": [int(p) for p in predicted],
+                "word_index": [start + w if f else -1 for w, f in zip(word_ids, first, strict=True)],
+                "example_index": example,
+                "num_words": len(words[example]),
+            }
+            if label_ids is not None:
+                item["labels"] = [
+                    -100 if not p else self._continuation(label_ids[example][start + w], first=f)
+                    for w, p, f in zip(word_ids, predicted, first, strict=True)
+                ]
+            rows.append(item)
+        return rows
+
+    def _label_ids(self, example: int, words: list[str], labels: Sequence[str | int]) -> list[int]:
+        if len(labels) != len(words):
+            raise ValueError(f"Example {example}: {len(words)} words but {len(labels)} labels.")
+        ids = []
+        for label in labels:
+            if isinstance(label, str):
+                if label not in self.label_names:
+                    raise ValueError(f"Example {example}: unknown label {label!r}; known: {self.label_names}.")
+                label = self.label_names.index(label)
+            ids.append(int(label))
+        return ids
+
+    def _continuation(self, label: int, first: bool) -> int:
+        """The label of a sub-word: the word's own on its first sub-word, else B-X turned into I-X."""
+        name = self.label_names[label]
+        if first or not name.startswith("B-"):
+            return label
+        return self.label_names.index("I-" + name[2:])
+
+    def decode_predictions(self, predictions: torch.Tensor, encoding: BatchFeature) -> list[list[str]]:
+        """Maps predicted label ids (rows, L) back to one tag per input word, per example, merging the
+        windows of long texts. Words without any sub-word get "O"."""
+        num_examples = int(encoding["example_index"].max()) + 1 if len(encoding["example_index"]) else 0
+        tags = [[] for _ in range(num_examples)]
+        for row in range(len(encoding["example_index"])):
+            example = int(encoding["example_index"][row])
+            if not tags[example]:
+                tags[example] = ["O"] * int(encoding["num_words"][row])
+            starts = encoding["word_index"][row] >= 0
+            for word, label in zip(
+                encoding["word_index"][row][starts].tolist(), predictions[row][starts].tolist(), strict=True
+            ):
+                tags[example][word] = self.label_names[label] if label >= 0 else "O"
+        return tags
+
+    # ----------------------------------------------------------------------------------------------
+    # images
+
+    def load_images(
+        self, images: Sequence[ImageInput], crops: Sequence[Sequence[ImageInput]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example the global image and up to `num_object_crops` crops (paths, PIL images or None).
+        Returns pixel_values (b, 1 + crops, 3, H, W) and pixel_mask (b, 1 + crops) bool. A missing,
+        unreadable or truncated file is a missing slot (counted in `image_problems`, warned about once);
+        crops count only beside a real global image. Any colour mode is converted to RGB."""
+        slots = 1 + self.num_object_crops
+        crops = crops if crops is not None else [[] for _ in images]
+        opened, mask = [], torch.zeros(len(images), slots, dtype=torch.bool)
+        for example, (image, example_crops) in enumerate(zip(images, crops, strict=True)):
+            candidates = [image, *list(example_crops or [])[: self.num_object_crops]]
+            for slot, candidate in enumerate(candidates):
+                rgb = self._open_rgb(candidate)
+                if rgb is None or (slot > 0 and not mask[example, 0]):
+                    continue
+                mask[example, slot] = True
+                opened.append(rgb)
+        size = self.image_processor.crop_size
+        pixel_values = torch.zeros(len(images), slots, 3, size["height"], size["width"])
+        if opened:
+            pixel_values[mask] = self.image_processor(images=opened, return_tensors="pt")["pixel_values"]
+        return pixel_values, mask
+
+    def _open_rgb(self, image: ImageInput) -> Image.Image | None:
+        if image is None:
+            return None
+        try:
+            if isinstance(image, Image.Image):
+                image.load()
+                return image.convert("RGB")
+            with Image.open(image) as opened:
+                opened.load()  # decode now: truncated files fail here, not later
+                return opened.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+            reason = "missing file" if isinstance(error, FileNotFoundError) else "unreadable image"
+            if not self.image_problems:
+                logger.warning(
+                    "Image %s: %s (%s); its example is treated as having no image. Further problems are only "
+                    "counted, in processor.image_problems.",
+                    image,
+                    reason,
+                    error,
+                )
+            self.image_problems[reason] += 1
+            return None
+
+    # ----------------------------------------------------------------------------------------------
+    # batching
+
+    def pad(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """Pads unpadded rows (from `encode_words`, with optional pixel tensors) into a batch."""
+        width = max(len(row["input_ids"]) for row in rows)
+        batch = {}
+        for key, value in TEXT_FIELDS.items():
+            if key not in rows[0]:
+                continue
+            value = self.tokenizer.pad_token_id if value is None else value
+            batch[key] = torch.tensor([list(row[key]) + [value] * (width - len(row[key])) for row in rows])
+        for key in WINDOW_FIELDS:
+            if key in rows[0]:
+                batch[key] = torch.tensor([row[key] for row in rows])
+        batch["prediction_mask"] = batch["prediction_mask"].bool()
+        if "pixel_values" in rows[0]:
+            batch["pixel_values"] = torch.stack([row["pixel_values"] for row in rows])
+            batch["pixel_mask"] = torch.stack([row["pixel_mask"] for row in rows])
+        return batch
+
+
+class BgaMnerDataCollator:
+    """Pads tokenised rows (from `BgaMnerProcessor.encode_words`, e.g. after `datasets.map`) and loads
+    their images: rows with an `image` path (and optional `crops` paths) get pixel_values and pixel_mask;
+    when no row of the batch has an image, no pixel tensors are made (text-only training)."""
+
+    def __init__(self, processor: BgaMnerProcessor):
+        self.processor = processor
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        batch = self.processor.pad(rows)
+        images = [row.get("image") for row in rows]
+        if any(image is not None for image in images):
+            crops = [row.get("crops") or [] for row in rows]
+            batch["pixel_values"], batch["pixel_mask"] = self.processor.load_images(images, crops)
+        return batch
+
+
+BgaMnerProcessor.register_for_auto_class()

@@ -1,0 +1,243 @@
+"""A `datasets` builder for Twitter2015 / Twitter2017 (the UMT release) and any corpus in the same form.
+
+Text files: `train.txt`, `valid.txt` (or `dev.txt`), `test.txt` in one folder. Each example is an
+optional `IMGID:<id>` line, then one `token<TAB>label` line per word, and examples are separated by a
+blank line. Twitter2015's OTHER is read as MISC. Images, when given, are `<image_dir>/<id>.jpg`; object
+crops are found by file name in HVPNeT's public layout `<crop_dir>/{train,val,test}/crops/
+<id>_pred_yolo_crop_<k>.png` (HVPNeT's `*_dict.pth` pickles are never read).
+
+`datasets` no longer runs loading scripts: import this module and use `load_mner_dataset(...)`, or
+instantiate `TwitterMner(config_name=..., data_dir=...)` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from configuration_bga_mner import MNER_LABELS
+
+logger = logging.getLogger(__name__)
+
+SPLIT_FILES = {  # split -> accepted file names, in order of preference
+    datasets.Split.TRAIN: ("train.txt",),
+    datasets.Split.VALIDATION: ("valid.txt", "dev.txt"),
+    datasets.Split.TEST: ("test.txt",),
+}
+CROP_SPLIT_FOLDERS = {datasets.Split.TRAIN: "train", datasets.Split.VALIDATION: "val", datasets.Split.TEST: "test"}
+LABEL_ALIASES = {"OTHER": "MISC"}
+CROP_NAME = re.compile(r"^(?P<id>.+)_pred_yolo_crop_(?P<k>\d+)\.png$")
+
+
+class CorpusFormatError(ValueError):
+    """A corpus file is not in the expected form; the message names the file and line."""
+
+
+@dataclass
+class ConllExample:
+    image_id: str | None
+    tokens: list[str]
+    labels: list[str]
+    line: int  # where the example starts in its file (1-based)
+
+
+def normalise_label(label: str) -> str:
+    """`B-OTHER` -> `B-MISC`; other labels unchanged."""
+    prefix, _, kind = label.partition("-")
+    return f"{prefix}-{LABEL_ALIASES.get(kind, kind)}" if kind else label
+
+
+def read_conll(path: str | os.PathLike, labelled: bool = True) -> Iterator[ConllExample]:
+    """Reads examples from a CoNLL file in the UMT form. With `labelled=False`, lines may hold only
+    the token (labels then come back as "O"). Raises `CorpusFormatError` naming file and line for a
+    malformed line, an unknown label, an `IMGID:` line inside an example, or a file with no example."""
+    path = Path(path)
+    image_id, tokens, labels, start = None, [], [], None
+    found = False
+    with open(path, encoding="utf-8", newline="") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = raw.rstrip("\r\n")
+            if line.strip() == "":
+                if tokens:
+                    found = True
+                    yield ConllExample(image_id, tokens, labels, start)
+                elif image_id is not None:
+                    raise CorpusFormatError(f"{path}:{start}: IMGID line without any token line after it.")
+                image_id, tokens, labels, start = None, [], [], None
+                continue
+            if line.startswith("IMGID:") and "\t" not in line:
+                if tokens or image_id is not None:
+                    raise CorpusFormatError(f"{path}:{number}: IMGID line inside an example (missing blank line?).")
+                image_id, start = line[len("IMGID:") :].strip(), number
+                continue
+            start = start or number
+            token, tab, label = line.rpartition("\t")
+            if not labelled and not tab:
+                token, label = line, "O"
+            elif not tab or token == "":
+                raise CorpusFormatError(f"{path}:{number}: expected 'token<TAB>label', got {line!r}.")
+            label = normalise_label(label.strip())
+            if label not in MNER_LABELS:
+                raise CorpusFormatError(
+                    f"{path}:{number}: unknown label {label!r}; expected one of {', '.join(MNER_LABELS)} "
+                    "(OTHER is read as MISC)."
+                )
+            tokens.append(token)
+            labels.append(label)
+    if tokens:
+        found = True
+        yield ConllExample(image_id, tokens, labels, start)
+    if not found:
+        raise CorpusFormatError(f"{path}: no example in the file (empty file?).")
+
+
+def count_orphan_inside_tags(labels: list[str]) -> int:
+    """`I-X` tags that follow neither `B-X` nor `I-X`: conlleval and seqeval count each as an entity."""
+    orphans, previous = 0, "O"
+    for label in labels:
+        if label.startswith("I-") and previous[2:] != label[2:]:
+            orphans += 1
+        previous = label
+    return orphans
+
+
+def find_crops(crop_dir: str | os.PathLike | None, split: str) -> dict[str, list[str]]:
+    """Image id -> its crop files in HVPNeT's layout, in crop order (empty without `crop_dir`)."""
+    crops = defaultdict(list)
+    folder = Path(crop_dir, CROP_SPLIT_FOLDERS[split], "crops") if crop_dir else None
+    if folder is None or not folder.is_dir():
+        if crop_dir:
+            logger.warning("No crop folder %s: the %s split has no object crops.", folder, split)
+        return {}
+    for entry in os.scandir(folder):
+        match = CROP_NAME.match(entry.name)
+        if match:
+            crops[match["id"]].append((int(match["k"]), entry.path))
+    return {image_id: [path for _, path in sorted(found)] for image_id, found in crops.items()}
+
+
+@dataclass
+class TwitterMnerConfig(datasets.BuilderConfig):
+    """`data_dir`: the folder of the text files. `image_dir`: the folder of `<id>.jpg` images (optional).
+    `crop_dir`: the HVPNeT object-crop folder (optional). `num_crops`: crops kept per image."""
+
+    image_dir: str | None = None
+    crop_dir: str | None = None
+    num_crops: int = 3
+
+
+class TwitterMner(datasets.GeneratorBasedBuilder):
+    """Twitter2015 / Twitter2017 multimodal NER, and any corpus in the same CoNLL form."""
+
+    BUILDER_CONFIG_CLASS = TwitterMnerConfig
+    BUILDER_CONFIGS = [
+        TwitterMnerConfig(name="twitter2015", description="Twitter2015 (Zhang et al., 2018), UMT release."),
+        TwitterMnerConfig(name="twitter2017", description="Twitter2017 (Lu et al., 2018), UMT release."),
+        TwitterMnerConfig(name="conll", description="Any corpus in the same CoNLL form, with or without images."),
+    ]
+    DEFAULT_CONFIG_NAME = "conll"
+
+    def _info(self) -> datasets.DatasetInfo:
+        return datasets.DatasetInfo(
+            description=self.config.description,
+            features=datasets.Features(
+                {
+                    "id": datasets.Value("string"),
+                    "image_id": datasets.Value("string"),
+                    "tokens": datasets.Sequence(datasets.Value("string")),
+                    "ner_tags": datasets.Sequence(datasets.ClassLabel(names=list(MNER_LABELS))),
+                    "image": datasets.Value("string"),  # path, or None when there is no image file
+                    "crops": datasets.Sequence(datasets.Value("string")),
+                }
+            ),
+        )
+
+    def _split_generators(self, dl_manager) -> list[datasets.SplitGenerator]:
+        if not self.config.data_dir:
+            raise ValueError("Give data_dir: the folder holding train.txt, valid.txt (or dev.txt) and test.txt.")
+        data_dir = Path(self.config.data_dir)
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"{data_dir}: no such data folder.")
+        generators = []
+        for split, names in SPLIT_FILES.items():
+            path = next((data_dir / name for name in names if (data_dir / name).is_file()), None)
+            if path is None:
+                found = ", ".join(sorted(p.name for p in data_dir.iterdir())) or "nothing"
+                raise FileNotFoundError(
+                    f"{data_dir / names[0]}: split file missing; the folder must hold {' or '.join(names)} "
+                    f"(found: {found})."
+                )
+            generators.append(datasets.SplitGenerator(name=split, gen_kwargs={"path": path, "split": split}))
+        return generators
+
+    def _generate_examples(self, path: Path, split: str):
+        config = self.config
+        crops = find_crops(config.crop_dir, split)
+        orphans = missing_images = total = 0
+        for index, example in enumerate(read_conll(path)):
+            image = None
+            if config.image_dir and example.image_id is not None:
+                candidate = Path(config.image_dir, f"{example.image_id}.jpg")
+                image = str(candidate) if candidate.is_file() else None
+                missing_images += image is None
+            orphans += count_orphan_inside_tags(example.labels)
+            total += 1
+            yield (
+                f"{split}-{index}",
+                {
+                    "id": str(index),
+                    "image_id": example.image_id,
+                    "tokens": example.tokens,
+                    "ner_tags": example.labels,
+                    "image": image,
+                    "crops": crops.get(example.image_id, [])[: config.num_crops] if image else [],
+                },
+            )
+        if orphans:
+            logger.warning(
+                "%s: %d orphan I- tags (an I- tag without B- before it); kept as they are: the evaluation "
+                "counts each as an entity, as conlleval does.",
+                path,
+                orphans,
+            )
+        if missing_images:
+            logger.warning(
+                "%s: %d of %d examples have no image file in %s; they train without an image.",
+                path,
+                missing_images,
+                total,
+                config.image_dir,
+            )
+
+
+def load_mner_dataset(
+    data_dir: str | os.PathLike,
+    name: str = "conll",
+    image_dir: str | os.PathLike | None = None,
+    crop_dir: str | os.PathLike | None = None,
+    num_crops: int = 3,
+    cache_dir: str | os.PathLike | None = None,
+) -> datasets.DatasetDict:
+    """Builds the train / validation / test splits of a corpus (always re-read from its files)."""
+    builder = TwitterMner(
+        config_name=name,
+        data_dir=str(data_dir),
+        image_dir=str(image_dir) if image_dir else None,
+        crop_dir=str(crop_dir) if crop_dir else None,
+        num_crops=num_crops,
+        cache_dir=str(cache_dir) if cache_dir else None,
+    )
+    try:
+        builder.download_and_prepare(download_mode=datasets.DownloadMode.FORCE_REDOWNLOAD)
+    except datasets.exceptions.DatasetGenerationError as error:
+        if isinstance(error.__cause__, CorpusFormatError):
+            raise error.__cause__ from None  # the file-and-line message, not datasets' generic wrapper
+        raise
+    return builder.as_dataset()
