@@ -417,6 +417,9 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
         prediction_mask (b, n_t) bool: the positions the CRF labels, one per word (the processor gives
             it). Defaults to `labels != -100`, else to every real token but [CLS] and the last ([SEP]).
 
+        Other keyword arguments (such as the processor's word bookkeeping: `word_index`, `example_index`,
+        `num_words`) are ignored, so `model(**processor(...))` works.
+
         The visual branch runs only when pixel values are given and either the model is training or
         `config.inference_visual == "real"`; otherwise no vision module is called.
         """

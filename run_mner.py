@@ -1,0 +1,538 @@
+"""Train, evaluate and test BGA-MNER with Accelerate, from one CPU to many GPUs.
+
+    python run_mner.py configs/twitter2015.yaml                      # the paper's setup
+    accelerate launch run_mner.py configs/twitter2015.yaml --seed 7  # any flag overrides the file
+    python run_mner.py configs/smoke.yaml                            # offline check of an install
+
+Every epoch (or every `--eval_steps` optimizer steps) the model is evaluated on the dev split; the best
+by dev F1 is kept and finally evaluated on the test split. The output folder is a loadable model
+repository (weights, config with `auto_map`, code, processor, model card), with `results.json` and the
+test predictions in CoNLL form (`token gold pred`). Checkpoints go to `<output_dir>/checkpoints` and
+`--resume_from_checkpoint latest` continues a run exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from seqeval.metrics import classification_report
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, CLIPImageProcessorPil, HfArgumentParser, get_linear_schedule_with_warmup
+
+from model_card import results_table, write_model_card
+from modeling_bga_mner import BgaMnerForTokenClassification
+from processing_bga_mner import BgaMnerDataCollator, BgaMnerProcessor
+from twitter_mner import load_mner_dataset
+
+logger = logging.getLogger("run_mner")
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "labels",
+    "prediction_mask",
+    "pixel_values",
+    "pixel_mask",
+)
+
+
+@dataclass
+class ModelArguments:
+    text_model: str = field(default="bert-base-uncased", metadata={"help": "BERT-family model: Hub id or folder."})
+    vision_model: str = field(default="openai/clip-vit-base-patch32", metadata={"help": "CLIP model: id or folder."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A trained BGA-MNER folder to start from (instead of the two towers)."}
+    )
+    alpha: float = field(default=0.001, metadata={"help": "Weight of the generation losses, Eq. (11)."})
+    use_sampler: bool = field(default=True, metadata={"help": "False: the paper's 'w/o SCS' ablation."})
+    use_cycle: bool = field(default=True, metadata={"help": "False: the paper's 'w/o cycle' ablation."})
+    use_generation: bool = field(default=True, metadata={"help": "False: 'w/o SCS & MCG', i.e. BERT-CRF."})
+    inference_visual: str = field(default="generated", metadata={"help": "'generated' (paper) or 'real' (Table 4)."})
+    num_object_crops: int = field(default=3, metadata={"help": "Object crops per image besides the image."})
+
+
+@dataclass
+class DataArguments:
+    data_dir: str = field(default=None, metadata={"help": "Folder with train.txt, valid.txt (or dev.txt), test.txt."})
+    dataset_name: str = field(default="conll", metadata={"help": "twitter2015, twitter2017 or conll (any corpus)."})
+    image_dir: str | None = field(default=None, metadata={"help": "Folder of <image id>.jpg files."})
+    crop_dir: str | None = field(default=None, metadata={"help": "HVPNeT object-crop folder."})
+    test_data_dir: str | None = field(default=None, metadata={"help": "Test on this corpus instead (cross-domain)."})
+    test_image_dir: str | None = field(default=None, metadata={"help": "Images of the --test_data_dir corpus."})
+    test_crop_dir: str | None = field(default=None, metadata={"help": "Crops of the --test_data_dir corpus."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on this many random tweets."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N dev/test tweets."})
+    eval_without_images: bool = field(default=False, metadata={"help": "Drop all images at evaluation."})
+    max_length: int = field(default=128, metadata={"help": "Sub-words per window, special tokens included."})
+    label_all_subwords: bool = field(default=False, metadata={"help": "Label every sub-word, not only the first."})
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str = field(default="outputs/bga-mner", metadata={"help": "Where the trained model goes."})
+    do_train: bool = True
+    do_eval: bool = True
+    do_predict: bool = field(default=True, metadata={"help": "Evaluate the best model on the test split."})
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 32
+    learning_rate: float = 3e-5
+    crf_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the CRF (default: lr)."})
+    weight_decay: float = 0.01
+    num_train_epochs: int = 30
+    warmup_ratio: float = 0.01
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (or set by accelerate config)."})
+    seed: int = 42
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (default: each epoch)."})
+    checkpointing_steps: str = field(default="epoch", metadata={"help": "'epoch', a step count, or 'no'."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder or 'latest'."})
+    max_steps_per_run: int | None = field(
+        default=None, metadata={"help": "Stop after N optimizer steps of this run, checkpointed (time-boxed jobs)."}
+    )
+    logging_steps: int = 20
+    report_to: str | None = field(default=None, metadata={"help": "Accelerate trackers: tensorboard, wandb, all."})
+    dataloader_num_workers: int = 0
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Flags, or a YAML / JSON file first and flags after it that override the file's values."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        settings = yaml.safe_load(Path(argv[0]).read_text(encoding="utf-8")) or {}
+        from_file = [f"--{key}={value}" for key, value in settings.items() if value is not None]
+        argv = from_file + argv[1:]
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if data_args.data_dir is None:
+        parser.error("--data_dir is required")
+    return model_args, data_args, training_args
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+def load_corpora(data_args: DataArguments, num_crops: int) -> datasets.DatasetDict:
+    """train / validation / test splits; the test split comes from --test_data_dir when given."""
+    corpus = load_mner_dataset(
+        data_args.data_dir, data_args.dataset_name, data_args.image_dir, data_args.crop_dir, num_crops
+    )
+    if data_args.test_data_dir:
+        other = load_mner_dataset(
+            data_args.test_data_dir, "conll", data_args.test_image_dir, data_args.test_crop_dir, num_crops
+        )
+        corpus["test"] = other["test"]
+    if data_args.max_train_samples is not None:
+        corpus["train"] = (
+            corpus["train"].shuffle(seed=0).select(range(min(data_args.max_train_samples, len(corpus["train"]))))
+        )
+    if data_args.max_eval_samples is not None:
+        for split in ("validation", "test"):
+            corpus[split] = corpus[split].select(range(min(data_args.max_eval_samples, len(corpus[split]))))
+    if data_args.eval_without_images:
+        for split in ("validation", "test"):
+            corpus[split] = corpus[split].map(lambda _: {"image": None, "crops": []})
+    return corpus
+
+
+def tokenize(corpus: datasets.DatasetDict, processor: BgaMnerProcessor) -> datasets.DatasetDict:
+    """One row per window of sub-words; `example_index` points back into the split."""
+
+    def encode(batch: dict, indices: list[int]) -> dict:
+        rows = processor.encode_words(batch["tokens"], batch["ner_tags"])
+        for row in rows:
+            local = row["example_index"]
+            row["image"], row["crops"] = batch["image"][local], batch["crops"][local]
+            row["example_index"] = indices[local]
+        return {key: [row[key] for row in rows] for key in rows[0]}
+
+    return corpus.map(encode, batched=True, with_indices=True, remove_columns=corpus["train"].column_names)
+
+
+# ------------------------------------------------------------------------------------------------
+# model
+
+
+def load_model_and_processor(model_args: ModelArguments, data_args: DataArguments, label_names: list[str]):
+    """Builds BGA-MNER from the two towers, or loads a trained folder; fails early with a clear message
+    when a name cannot be resolved or the labels do not match the data."""
+    overrides = {
+        "alpha": model_args.alpha,
+        "use_sampler": model_args.use_sampler,
+        "use_cycle": model_args.use_cycle,
+        "use_generation": model_args.use_generation,
+        "inference_visual": model_args.inference_visual,
+    }
+    try:
+        if model_args.model_name_or_path:
+            model = BgaMnerForTokenClassification.from_pretrained(model_args.model_name_or_path, **overrides)
+            processor = BgaMnerProcessor.from_pretrained(model_args.model_name_or_path)
+            model_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+            if model_labels != label_names:
+                raise ValueError(
+                    f"The labels of {model_args.model_name_or_path} ({model_labels}) differ from the data's "
+                    f"({label_names})."
+                )
+            return model, processor
+        model = BgaMnerForTokenClassification.from_text_vision_pretrained(
+            model_args.text_model,
+            model_args.vision_model if model_args.use_generation else None,
+            id2label=dict(enumerate(label_names)),
+            label2id={label: i for i, label in enumerate(label_names)},
+            num_object_crops=model_args.num_object_crops,
+            max_text_length=data_args.max_length,
+            **overrides,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(model_args.text_model)
+        image_processor = CLIPImageProcessorPil.from_pretrained(model_args.vision_model)
+    except OSError as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        raise SystemExit(
+            f"Cannot load a model: {error}\nA name must be a local folder or a Hub id"
+            + (" (HF_HUB_OFFLINE is set: only local folders and cached ids work)." if offline else ".")
+        ) from None
+    processor = BgaMnerProcessor(
+        image_processor,
+        tokenizer,
+        num_object_crops=model_args.num_object_crops,
+        max_length=data_args.max_length,
+        label_all_subwords=data_args.label_all_subwords,
+        label_names=label_names,
+    )
+    return model, processor
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def compute_metrics(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, dict[str, float]]:
+    """Entity-level precision / recall / F1 with seqeval's default (conlleval) mode, per type and overall."""
+    report = classification_report(gold, predicted, output_dict=True, zero_division=0)
+    metrics = {
+        kind: {
+            "precision": float(v["precision"]),
+            "recall": float(v["recall"]),
+            "f1": float(v["f1-score"]),
+            "support": int(v["support"]),
+        }
+        for kind, v in report.items()
+        if kind not in ("micro avg", "macro avg", "weighted avg")
+    }
+    micro = report["micro avg"]
+    metrics["overall"] = {
+        k: float(micro[v]) for k, v in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"))
+    }
+    return metrics
+
+
+def pad_to(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+@torch.no_grad()
+def predict(
+    model, dataloader, processor: BgaMnerProcessor, accelerator: Accelerator, num_examples: int
+) -> list[list[str]]:
+    """One tag per word for every example of the split, gathered exactly across processes (the samples
+    that a distributed sampler repeats to fill the last batch are dropped by `gather_for_metrics`)."""
+    model.eval()
+    gathered = {"predictions": [], "word_index": [], "example_index": [], "num_words": []}
+    for batch in tqdm(dataloader, desc="evaluating", disable=not accelerator.is_local_main_process, leave=False):
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch and k != "labels"}
+        predictions = model(**inputs).predictions
+        padded = {
+            "predictions": accelerator.pad_across_processes(predictions, dim=1, pad_index=-100),
+            "word_index": accelerator.pad_across_processes(batch["word_index"], dim=1, pad_index=-1),
+            "example_index": batch["example_index"],
+            "num_words": batch["num_words"],
+        }
+        for key, value in accelerator.gather_for_metrics(padded).items():
+            gathered[key].append(value.cpu())
+    width = max(t.shape[1] for t in gathered["predictions"])
+    encoding = {
+        "predictions": torch.cat([pad_to(t, width, -100) for t in gathered["predictions"]]),
+        "word_index": torch.cat([pad_to(t, width, -1) for t in gathered["word_index"]]),
+        "example_index": torch.cat(gathered["example_index"]),
+        "num_words": torch.cat(gathered["num_words"]),
+    }
+    tags = processor.decode_predictions(encoding["predictions"], encoding)
+    assert len(tags) == num_examples, (len(tags), num_examples)
+    return tags
+
+
+def evaluate(model, dataloader, split: datasets.Dataset, processor, accelerator) -> tuple[dict, list[list[str]]]:
+    names = split.features["ner_tags"].feature.names
+    gold = [[names[t] for t in tags] for tags in split["ner_tags"]]
+    predicted = predict(model, dataloader, processor, accelerator, len(split))
+    return compute_metrics(gold, predicted), predicted
+
+
+def write_conll(path: Path, split: datasets.Dataset, predicted: list[list[str]]) -> None:
+    names = split.features["ner_tags"].feature.names
+    with open(path, "w", encoding="utf-8") as handle:
+        for example, tags in zip(split, predicted, strict=True):
+            if example["image_id"] is not None:
+                handle.write(f"IMGID:{example['image_id']}\n")
+            for token, gold, tag in zip(example["tokens"], example["ner_tags"], tags, strict=True):
+                handle.write(f"{token}\t{names[gold]}\t{tag}\n")
+            handle.write("\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(accelerator: Accelerator, folder: Path) -> None:
+    """Saves the full training state atomically: written under a temporary name, then renamed, so a
+    crash during the save never leaves a folder that looks complete."""
+    temporary = folder.with_name(folder.name + ".tmp")
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(temporary, folder)
+    accelerator.wait_for_everyone()
+
+
+def find_checkpoint(output_dir: Path, name: str) -> Path:
+    """'latest' -> the newest complete `step_N` checkpoint; otherwise the folder given."""
+    if name != "latest":
+        return Path(name)
+    folders = [p for p in (output_dir / "checkpoints").glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")]
+    if not folders:
+        raise SystemExit(f"--resume_from_checkpoint latest: no checkpoint in {output_dir / 'checkpoints'}.")
+    return max(folders, key=lambda p: int(p.name.split("_")[1]))
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Batches without any image skip the visual branch: its parameters then get no gradient.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+        datasets.utils.logging.disable_progress_bar()
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+
+    # Data first: a missing folder or a malformed file fails before any model is loaded.
+    with accelerator.main_process_first():
+        corpus = load_corpora(data_args, model_args.num_object_crops)
+    label_names = corpus["train"].features["ner_tags"].feature.names
+    model, processor = load_model_and_processor(model_args, data_args, label_names)
+    with accelerator.main_process_first():
+        encoded = tokenize(corpus, processor)
+
+    collator = BgaMnerDataCollator(processor)
+
+    def loader(split: str, **kwargs) -> DataLoader:
+        # Own generators: building an iterator draws no number from the global RNG, which a resumed run
+        # restores from its checkpoint (dropout and the samplers' Gumbel noise must continue identically).
+        generator = torch.Generator().manual_seed(args.seed)
+        return DataLoader(
+            encoded[split], collate_fn=collator, num_workers=args.dataloader_num_workers, generator=generator, **kwargs
+        )
+
+    train_loader = loader("train", shuffle=True, batch_size=args.per_device_train_batch_size)
+    eval_loaders = {
+        split: loader(split, batch_size=args.per_device_eval_batch_size) for split in ("validation", "test")
+    }
+
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm1.weight", "layer_norm2.weight", "norm.weight")
+    groups = [
+        {"params": [], "weight_decay": args.weight_decay},
+        {"params": [], "weight_decay": 0.0},
+        {
+            "params": list(model.crf.parameters()),
+            "weight_decay": 0.0,
+            "lr": args.crf_learning_rate or args.learning_rate,
+        },
+    ]
+    for name, parameter in model.named_parameters():
+        if not name.startswith("crf."):
+            groups[1 if name.endswith(no_decay) else 0]["params"].append(parameter)
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
+    model, optimizer, train_loader, *loaders = accelerator.prepare(
+        model, optimizer, train_loader, *eval_loaders.values()
+    )
+    eval_loaders = dict(zip(eval_loaders, loaders, strict=True))
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * args.num_train_epochs
+    # Accelerate's scheduler steps once per process for each optimizer step.
+    scheduler = accelerator.prepare(
+        get_linear_schedule_with_warmup(
+            optimizer,
+            int(args.warmup_ratio * total_steps) * accelerator.num_processes,
+            total_steps * accelerator.num_processes,
+        )
+    )
+    settings = {**asdict(model_args), **asdict(data_args), **asdict(args)}
+    if args.report_to:
+        accelerator.init_trackers("bga-mner", config={k: v for k, v in settings.items() if v is not None})
+
+    results: dict = {}
+    best_dir = output_dir / "checkpoints" / "best"
+    if args.do_train:
+        completed_steps, start_epoch, skip_batches = 0, 0, 0
+        best = json.loads((best_dir / "best.json").read_text()) if best_dir.exists() else {"f1": -1.0}
+        if args.resume_from_checkpoint:
+            checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
+            accelerator.load_state(str(checkpoint))
+            completed_steps = int(checkpoint.name.split("_")[1])
+            start_epoch = completed_steps // steps_per_epoch
+            skip_batches = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
+            logger.info("Resumed from %s (step %d, epoch %d)", checkpoint, completed_steps, start_epoch)
+        stop_at = completed_steps + args.max_steps_per_run if args.max_steps_per_run else None
+
+        def evaluate_and_checkpoint(epoch_end: bool) -> None:
+            # Evaluation first: the checkpoint then holds the state after it, and a resumed run continues
+            # exactly as an uninterrupted one.
+            nonlocal best
+            due = epoch_end if args.eval_steps is None else completed_steps % args.eval_steps == 0
+            if args.do_eval and due:
+                metrics, _ = evaluate(model, eval_loaders["validation"], corpus["validation"], processor, accelerator)
+                model.train()
+                f1 = metrics["overall"]["f1"]
+                logger.info("step %d: dev F1 %.2f (best %.2f)", completed_steps, 100 * f1, 100 * max(best["f1"], 0))
+                accelerator.log({"dev/f1": f1, "dev/precision": metrics["overall"]["precision"]}, step=completed_steps)
+                if f1 > best["f1"]:
+                    best = {"f1": f1, "step": completed_steps, "dev": metrics}
+                    save_best(accelerator, model, processor, best_dir, best)
+            every = args.checkpointing_steps
+            if (every == "epoch" and epoch_end) or (every.isdigit() and completed_steps % int(every) == 0):
+                save_checkpoint(accelerator, output_dir / "checkpoints" / f"step_{completed_steps}")
+
+        progress = tqdm(
+            total=total_steps, initial=completed_steps, desc="training", disable=not accelerator.is_local_main_process
+        )
+        running = {"loss": 0.0, "crf": 0.0, "reconstruction": 0.0, "cycle": 0.0}
+        model.train()
+        for epoch in range(start_epoch, args.num_train_epochs):
+            train_loader.set_epoch(epoch)
+            batches = train_loader
+            if skip_batches:
+                batches = accelerator.skip_first_batches(train_loader, skip_batches)
+                skip_batches = 0
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    outputs = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+                    accelerator.backward(outputs.loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                for key, value in (
+                    ("loss", outputs.loss),
+                    ("crf", outputs.crf_loss),
+                    ("reconstruction", outputs.reconstruction_loss),
+                    ("cycle", outputs.cycle_loss),
+                ):
+                    running[key] += 0.0 if value is None else value.item() / args.gradient_accumulation_steps
+                if not accelerator.sync_gradients:
+                    continue
+                completed_steps += 1
+                progress.update(1)
+                if completed_steps % args.logging_steps == 0:
+                    averages = {k: v / args.logging_steps for k, v in running.items()}
+                    progress.set_postfix({k: f"{v:.4f}" for k, v in averages.items()})
+                    accelerator.log({f"train/{k}": v for k, v in averages.items()}, step=completed_steps)
+                    running = dict.fromkeys(running, 0.0)
+                epoch_end = completed_steps % steps_per_epoch == 0
+                evaluate_and_checkpoint(epoch_end)
+                if stop_at is not None and completed_steps >= stop_at:
+                    save_checkpoint(accelerator, output_dir / "checkpoints" / f"step_{completed_steps}")
+                    logger.info("Stopped after %d steps (--max_steps_per_run); resume with latest.", completed_steps)
+                    accelerator.end_training()
+                    return {"stopped_at_step": completed_steps}
+        progress.close()
+        if not args.do_eval:  # nothing chose a best model: keep the last one
+            save_best(accelerator, model, processor, best_dir, {"f1": None, "step": completed_steps})
+        results["best_step"] = json.loads((best_dir / "best.json").read_text())["step"]
+
+    # The output folder becomes the model repository: the best model, its processor and code.
+    unwrapped = accelerator.unwrap_model(model)
+    if args.do_train:
+        unwrapped.load_state_dict(load_file(best_dir / "model.safetensors"))
+    if args.do_eval:
+        results["validation"], _ = evaluate(
+            model, eval_loaders["validation"], corpus["validation"], processor, accelerator
+        )
+    if args.do_predict:
+        results["test"], predicted = evaluate(model, eval_loaders["test"], corpus["test"], processor, accelerator)
+        if accelerator.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_conll(output_dir / "test_predictions.conll", corpus["test"], predicted)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        unwrapped.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        scores = {split: results[split] for split in ("validation", "test") if split in results}
+        write_model_card(
+            output_dir,
+            scores,
+            settings,
+            [model_args.text_model, model_args.vision_model] if not model_args.model_name_or_path else [],
+            data_args.dataset_name,
+            model_id=args.hub_model_id or str(output_dir),
+        )
+        if scores:
+            print(results_table(scores))
+        if args.push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi()
+            repo = api.create_repo(args.hub_model_id or output_dir.name, exist_ok=True).repo_id
+            api.upload_folder(repo_id=repo, folder_path=output_dir, ignore_patterns=["checkpoints/*", "logs/*"])
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def save_best(accelerator: Accelerator, model, processor: BgaMnerProcessor, folder: Path, best: dict) -> None:
+    """Saves the best model so far as a loadable folder, atomically (temporary folder, then rename)."""
+    if accelerator.is_main_process:
+        temporary = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(temporary, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(temporary)
+        processor.save_pretrained(temporary)
+        (temporary / "best.json").write_text(json.dumps(best, indent=2), encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(temporary, folder)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

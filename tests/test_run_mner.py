@@ -1,0 +1,159 @@
+"""run_mner.py end to end on the tiny fixtures: outputs, exact resume, exact distributed evaluation,
+and the errors raised before any training starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from transformers import AutoModelForTokenClassification, AutoProcessor
+
+from run_mner import parse_arguments
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def run(*args: str, launcher: tuple[str, ...] = (sys.executable,), check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [*launcher, str(ROOT / "run_mner.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(result.stdout[-3000:] + result.stderr[-5000:])
+    return result
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("smoke") / "model"
+    run(str(SMOKE), "--output_dir", str(output))
+    return output
+
+
+def test_smoke_configuration_trains_and_leaves_a_loadable_model_repository(smoke_run):
+    results = json.loads((smoke_run / "results.json").read_text())
+    assert set(results) == {"best_step", "validation", "test"}
+    assert 0.0 <= results["test"]["overall"]["f1"] <= 1.0
+    assert {"PER", "LOC", "ORG", "MISC"} <= set(results["test"])
+
+    model = AutoModelForTokenClassification.from_pretrained(smoke_run, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(smoke_run, trust_remote_code=True)
+    inputs = processor(words=[["Obama", "visits", "Paris"]])
+    keys = ("input_ids", "attention_mask", "token_type_ids", "prediction_mask")
+    tags = processor.decode_predictions(model(**{k: inputs[k] for k in keys}).predictions, inputs)
+    assert len(tags[0]) == 3
+
+    lines = [line.split("\t") for line in (smoke_run / "test_predictions.conll").read_text().splitlines()]
+    rows = [line for line in lines if len(line) == 3]
+    gold = [line.split("\t") for line in (FIXTURES / "tiny-corpus" / "test.txt").read_text().splitlines()]
+    assert [r[:2] for r in rows] == [[t, g.replace("OTHER", "MISC")] for t, g in (x for x in gold if len(x) == 2)]
+
+    card = ModelCard.load(smoke_run / "README.md")
+    assert card.data.pipeline_tag == "token-classification" and card.data.library_name == "transformers"
+    f1 = [r.metric_value for r in card.data.eval_results if r.metric_type == "f1" and r.dataset_split == "test"]
+    assert f1 == [round(100 * results["test"]["overall"]["f1"], 2)]
+
+
+def test_an_interrupted_run_resumed_ends_with_the_same_weights(tmp_path):
+    common = [
+        str(SMOKE),
+        "--num_train_epochs",
+        "2",
+        "--per_device_train_batch_size",
+        "5",
+        "--checkpointing_steps",
+        "epoch",
+    ]
+    run(*common, "--output_dir", str(tmp_path / "straight"))
+    stopped = run(*common, "--output_dir", str(tmp_path / "resumed"), "--max_steps_per_run", "3")
+    assert "Stopped after 3 steps" in stopped.stderr
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    assert (tmp_path / "resumed" / "checkpoints" / "step_3").is_dir()  # mid-epoch: 5 steps per epoch
+    run(*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest")
+    for name in ("checkpoints/step_10/model.safetensors", "model.safetensors"):
+        straight, resumed = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
+        assert straight.keys() == resumed.keys()
+        for key in straight:
+            assert torch.equal(straight[key], resumed[key]), (name, key)
+    straight_results = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert straight_results == json.loads((tmp_path / "resumed" / "results.json").read_text())
+    assert not list((tmp_path / "resumed" / "checkpoints").glob("*.tmp"))
+
+
+def test_two_process_evaluation_equals_one_process(smoke_run, tmp_path):
+    evaluate = [
+        str(SMOKE),
+        "--model_name_or_path",
+        str(smoke_run),
+        "--do_train",
+        "false",
+        "--per_device_eval_batch_size",
+        "4",
+    ]
+    run(*evaluate, "--output_dir", str(tmp_path / "one"))
+    launcher = (
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    )
+    run(*evaluate, "--output_dir", str(tmp_path / "two"), launcher=launcher)
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert one == two and one["validation"]["overall"]["f1"] > 0
+    # 11 test tweets over 2 processes x 4: the duplicated samples of the last batch were dropped.
+    assert (tmp_path / "one" / "test_predictions.conll").read_text() == (
+        tmp_path / "two" / "test_predictions.conll"
+    ).read_text()
+
+
+def test_errors_come_before_any_training(tmp_path, smoke_run):
+    missing = run(str(SMOKE), "--data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o"), check=False)
+    assert missing.returncode != 0 and "no such data folder" in missing.stderr
+
+    unresolvable = run(
+        str(SMOKE), "--text_model", "no-such-org/no-such-model", "--output_dir", str(tmp_path / "o"), check=False
+    )
+    assert unresolvable.returncode != 0 and "Cannot load a model" in unresolvable.stderr
+
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(smoke_run, relabelled)
+    config = json.loads((relabelled / "config.json").read_text())
+    config["id2label"] = {str(i): label.replace("MISC", "OTHER") for i, label in config["id2label"].items()}
+    config["label2id"] = {label: int(i) for i, label in config["id2label"].items()}
+    (relabelled / "config.json").write_text(json.dumps(config))
+    mismatch = run(
+        str(SMOKE), "--model_name_or_path", str(relabelled), "--output_dir", str(tmp_path / "o"), check=False
+    )
+    assert mismatch.returncode != 0 and "differ from the data's" in mismatch.stderr
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_configuration_files_are_overridden_by_flags():
+    model_args, data_args, args = parse_arguments([str(SMOKE), "--seed", "7", "--use_cycle", "false"])
+    assert (args.seed, model_args.use_cycle, args.num_train_epochs) == (7, False, 15)
+    assert data_args.data_dir == "tests/fixtures/tiny-corpus"
+    paper, _, paper_args = parse_arguments([str(ROOT / "configs" / "twitter2017.yaml")])
+    assert (paper.text_model, paper_args.learning_rate, paper_args.per_device_train_batch_size) == (
+        "bert-base-uncased",
+        3e-5,
+        16,
+    )
