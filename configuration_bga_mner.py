@@ -14,6 +14,13 @@ from transformers import BertConfig, CLIPVisionConfig, PretrainedConfig
 # The one label list of the project: BIO over the four MNER types (Twitter2015's OTHER is read as MISC).
 MNER_LABELS: tuple[str, ...] = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC")
 
+CUSTOM_PIPELINE = {
+    "impl": "pipeline_bga_mner.BgaMnerTokenClassificationPipeline",
+    "pt": ["AutoModelForTokenClassification"],
+    "tf": [],
+    "type": "text",
+}
+
 
 class BgaMnerConfig(PretrainedConfig):
     r"""Configuration for [`BgaMnerForTokenClassification`].
@@ -47,6 +54,10 @@ class BgaMnerConfig(PretrainedConfig):
         inference_visual (`"generated"` or `"real"`): visual tokens the text extractor reads at inference.
             "generated" (paper default) runs on text alone; "real" reads the visual branch's features when
             an image is given (paper Table 4) and falls back to generated features otherwise.
+        text_only (`bool`, defaults to `False`): the model holds only what runs on text (no vision tower,
+            visual samplers or image2text generator): an inference checkpoint, made by
+            `BgaMnerForTokenClassification.text_only()`. It predicts exactly as the full model in
+            "generated" mode, and cannot train with images.
     """
 
     model_type = "bga_mner"
@@ -68,8 +79,11 @@ class BgaMnerConfig(PretrainedConfig):
     use_cycle: bool = True
     use_generation: bool = True
     inference_visual: Literal["generated", "real"] = "generated"
+    text_only: bool = False
 
     def __post_init__(self, **kwargs):
+        # `pipeline("token-classification", model=..., trust_remote_code=True)` uses the CRF-decoding pipeline.
+        kwargs.setdefault("custom_pipelines", {"token-classification": CUSTOM_PIPELINE})
         if self.id2label is None and "num_labels" not in kwargs:
             self.id2label = dict(enumerate(MNER_LABELS))
             self.label2id = {label: i for i, label in enumerate(MNER_LABELS)}
@@ -87,6 +101,8 @@ class BgaMnerConfig(PretrainedConfig):
             )
         if self.inference_visual not in ("generated", "real"):
             raise ValueError(f"inference_visual must be 'generated' or 'real', got {self.inference_visual!r}.")
+        if self.text_only and self.inference_visual == "real":
+            raise ValueError("A text_only model has no visual branch: inference_visual must be 'generated'.")
         if self.num_object_crops < 0:
             raise ValueError(f"num_object_crops must be >= 0, got {self.num_object_crops}.")
 

@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput
 
 try:  # as a package (tests, scripts) or as the Hub's dynamic module
     from .configuration_bga_mner import BgaMnerConfig
+    from .pipeline_bga_mner import BgaMnerTokenClassificationPipeline  # noqa: F401 (saved beside the model)
 except ImportError:
     from configuration_bga_mner import BgaMnerConfig
 
@@ -222,6 +223,21 @@ class LinearChainCrf(CRF):
         tags[:, 0] = current
         return tags
 
+    def marginals(self, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Posterior probability of each tag at each position (forward-backward), (b, L, C); rows are
+        left-aligned with mask[:, 0] all True, positions past a row's length hold garbage."""
+        batch, length, _ = emissions.shape
+        alphas = [self.start_transitions + emissions[:, 0]]
+        for i in range(1, length):
+            step = torch.logsumexp(alphas[-1].unsqueeze(2) + self.transitions, dim=1) + emissions[:, i]
+            alphas.append(torch.where(mask[:, i : i + 1], step, alphas[-1]))
+        betas = [self.end_transitions.expand(batch, -1)]
+        for i in range(length - 2, -1, -1):
+            step = torch.logsumexp(self.transitions + (emissions[:, i + 1] + betas[0]).unsqueeze(1), dim=2)
+            betas.insert(0, torch.where(mask[:, i + 1 : i + 2], step, self.end_transitions.expand(batch, -1)))
+        log_partition = torch.logsumexp(alphas[-1] + self.end_transitions, dim=1)  # (b,)
+        return (torch.stack(alphas, 1) + torch.stack(betas, 1) - log_partition[:, None, None]).exp()
+
 
 def kl_to_target(target: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
     """KL(softmax(target) || softmax(generated)) over channels, per token: (b, n, d) x 2 -> (b, n), float32."""
@@ -247,6 +263,8 @@ class BgaMnerTokenClassifierOutput(ModelOutput):
     logits: the CRF's emission scores (b, n_t, C).
     predictions: Viterbi label ids (b, n_t), -100 where no label is predicted (sub-words after the first
         of a word, special tokens, padding).
+    marginals: with `output_marginals=True`, the CRF's posterior probability of each label (b, n_t, C) at
+        the predicted positions (0 elsewhere): the pipeline's scores.
     text_sampler_masks, visual_sampler_masks: per BGA layer, the samplers' masks (b, n_t) / (b, n_v)
         (with `output_sampler_masks=True`; visual ones only where the visual branch ran).
     """
@@ -258,6 +276,7 @@ class BgaMnerTokenClassifierOutput(ModelOutput):
     generation_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     predictions: torch.Tensor | None = None
+    marginals: torch.Tensor | None = None
     text_sampler_masks: tuple[torch.Tensor, ...] | None = None
     visual_sampler_masks: tuple[torch.Tensor, ...] | None = None
 
@@ -305,18 +324,10 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
         self.crf = LinearChainCrf(config.num_labels, batch_first=True)
 
         if config.use_generation:
-            self.vision_embeddings = CLIPVisionEmbeddings(vision_cfg)
-            self.vision_pre_layernorm = nn.LayerNorm(vision_cfg.hidden_size, eps=vision_cfg.layer_norm_eps)
-            # ViT layers 0..N-1: the last BGA layer's visual extractor would feed nothing.
-            self.vision_extractors = nn.ModuleList(
-                VisualFeatureExtractor(vision_cfg) for _ in range(config.num_bga_layers)
-            )
+            # What runs on text: text samplers and the text2image generator (G_t2v, queries Q_v).
             if config.use_sampler:
                 self.text_samplers = nn.ModuleList(
                     StageRefinedContextSampler(text_cfg.hidden_size, config) for _ in range(config.num_bga_layers)
-                )
-                self.visual_samplers = nn.ModuleList(
-                    StageRefinedContextSampler(vision_cfg.hidden_size, config) for _ in range(config.num_bga_layers)
                 )
             # A common width is needed only when the towers differ (choice): linear maps between them.
             same_width = text_cfg.hidden_size == vision_cfg.hidden_size
@@ -326,10 +337,22 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
             self.visual_to_text = (
                 nn.Identity() if same_width else nn.Linear(vision_cfg.hidden_size, text_cfg.hidden_size)
             )
-            self.text_to_image_generator = CrossModalGenerator(  # G_t2v, queries Q_v
+            self.text_to_image_generator = CrossModalGenerator(
                 vision_cfg.hidden_size, config.num_visual_tokens, vision_cfg.num_attention_heads, config
             )
-            self.image_to_text_generator = CrossModalGenerator(  # G_v2t, queries Q_t
+        if config.use_generation and not config.text_only:
+            # What runs only with images, in training: the visual branch and G_v2t (queries Q_t).
+            self.vision_embeddings = CLIPVisionEmbeddings(vision_cfg)
+            self.vision_pre_layernorm = nn.LayerNorm(vision_cfg.hidden_size, eps=vision_cfg.layer_norm_eps)
+            # ViT layers 0..N-1: the last BGA layer's visual extractor would feed nothing.
+            self.vision_extractors = nn.ModuleList(
+                VisualFeatureExtractor(vision_cfg) for _ in range(config.num_bga_layers)
+            )
+            if config.use_sampler:
+                self.visual_samplers = nn.ModuleList(
+                    StageRefinedContextSampler(vision_cfg.hidden_size, config) for _ in range(config.num_bga_layers)
+                )
+            self.image_to_text_generator = CrossModalGenerator(
                 text_cfg.hidden_size, config.max_text_length, text_cfg.num_attention_heads, config
             )
         self.post_init()
@@ -393,6 +416,16 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
         )
         return report
 
+    def to_text_only(self) -> BgaMnerForTokenClassification:
+        """A copy holding only what runs on text (config `text_only=True`): no vision tower, visual
+        samplers or image2text generator. It predicts exactly as this model does without images, and
+        `save_pretrained` / `AutoModelForTokenClassification.from_pretrained` treat it like any model."""
+        config = self.config.__class__.from_dict({**self.config.to_dict(), "text_only": True})
+        model = self.__class__(config).to(self.device)
+        missing, _ = model.load_state_dict(self.state_dict(), strict=False)
+        assert not missing, missing
+        return model.train(self.training)
+
     # ----------------------------------------------------------------------------------------------
     # forward
 
@@ -406,6 +439,7 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
         labels: torch.Tensor | None = None,
         prediction_mask: torch.Tensor | None = None,
         output_sampler_masks: bool = False,
+        output_marginals: bool = False,
         **kwargs,
     ) -> BgaMnerTokenClassifierOutput:
         r"""
@@ -431,7 +465,10 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
         text = self.text_extractors[0](text, text_valid)
 
         image_rows = None  # indices of the examples whose visual branch runs
-        if config.use_generation and pixel_values is not None and (self.training or config.inference_visual == "real"):
+        if config.text_only and pixel_values is not None and self.training:
+            raise ValueError("A text_only model cannot train with images; train the full model.")
+        visual_branch = config.use_generation and not config.text_only
+        if visual_branch and pixel_values is not None and (self.training or config.inference_visual == "real"):
             if pixel_mask is None:
                 pixel_mask = torch.ones(pixel_values.shape[:2], dtype=torch.bool, device=pixel_values.device)
             image_rows = pixel_mask[:, 0].nonzero().squeeze(1)
@@ -513,6 +550,12 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
         # Rows with no word keep a dummy first position for pytorch-crf; their labels are dropped below.
         has_words = prediction_mask.any(1)
         predictions = torch.where(has_words.unsqueeze(1), predictions, -100)
+        marginals = None
+        if output_marginals:
+            compact = self.crf.marginals(compact_logits, compact_mask) * compact_mask.unsqueeze(-1)
+            marginals = torch.zeros_like(logits, dtype=compact.dtype)
+            marginals = marginals.scatter(1, order.unsqueeze(-1).expand_as(compact), compact)
+            marginals = marginals * (predictions >= 0).unsqueeze(-1)
 
         loss = crf_loss = generation = None
         if labels is not None:
@@ -532,6 +575,7 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
             generation_loss=generation,
             logits=logits,
             predictions=predictions,
+            marginals=marginals,
             text_sampler_masks=tuple(text_masks) if output_sampler_masks else None,
             visual_sampler_masks=tuple(visual_masks) if output_sampler_masks else None,
         )

@@ -44,6 +44,38 @@ def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
     return [m.group() for m in matches], [m.span() for m in matches]
 
 
+def _per_example(examples: list[int], num_words: list[int]) -> list[int]:
+    """Word counts per example, from the per-window `example_index` and `num_words`."""
+    counts = [0] * (max(examples) + 1 if examples else 0)
+    for example, n in zip(examples, num_words, strict=True):
+        counts[example] = n
+    return counts
+
+
+def entities_from_tags(
+    tags: Sequence[str], spans: Sequence[tuple[int, int]], scores: Sequence[float | None], text: str
+) -> list[dict]:
+    """Groups word tags into entities as conlleval does (an I-X after O or another type opens an entity).
+    Returns dicts with `text`, `type`, `start`, `end` (character offsets into `text`) and `score` (mean of
+    the words' scores)."""
+    entities, current = [], None
+    for tag, (start, end), score in zip(tags, spans, scores, strict=True):
+        prefix, _, kind = tag.partition("-")
+        if current is not None and prefix == "I" and kind == current["type"]:
+            current["end"] = end
+            current["scores"].append(score)
+            continue
+        current = None
+        if prefix in ("B", "I"):
+            current = {"type": kind, "start": start, "end": end, "scores": [score]}
+            entities.append(current)
+    for entity in entities:
+        scores = [s for s in entity.pop("scores") if s is not None]
+        entity["score"] = sum(scores) / len(scores) if scores else None
+        entity["text"] = text[entity["start"] : entity["end"]]
+    return [{key: e[key] for key in ("text", "type", "start", "end", "score")} for e in entities]
+
+
 class BgaMnerProcessor(ProcessorMixin):
     r"""Tokenizer (BERT family, fast) + CLIP image processor (the Pillow one) for BGA-MNER.
 
@@ -191,18 +223,20 @@ class BgaMnerProcessor(ProcessorMixin):
     def decode_predictions(self, predictions: torch.Tensor, encoding: BatchFeature) -> list[list[str]]:
         """Maps predicted label ids (rows, L) back to one tag per input word, per example, merging the
         windows of long texts. Words without any sub-word get "O"."""
-        num_examples = int(encoding["example_index"].max()) + 1 if len(encoding["example_index"]) else 0
-        tags = [[] for _ in range(num_examples)]
-        for row in range(len(encoding["example_index"])):
-            example = int(encoding["example_index"][row])
-            if not tags[example]:
-                tags[example] = ["O"] * int(encoding["num_words"][row])
-            starts = encoding["word_index"][row] >= 0
-            for word, label in zip(
-                encoding["word_index"][row][starts].tolist(), predictions[row][starts].tolist(), strict=True
-            ):
-                tags[example][word] = self.label_names[label] if label >= 0 else "O"
-        return tags
+        ids = self.word_values(predictions, encoding, missing=-100)
+        return [[self.label_names[i] if i >= 0 else "O" for i in example] for example in ids]
+
+    def word_values(self, values: torch.Tensor, encoding: BatchFeature, missing=None) -> list[list]:
+        """Per example, the value (rows, L) at the first sub-word of each word, windows merged; `missing`
+        for words without any sub-word."""
+        examples = encoding["example_index"].tolist()
+        words = [[missing] * n for n in _per_example(examples, encoding["num_words"].tolist())]
+        starts = encoding["word_index"] >= 0
+        for row, example in enumerate(examples):
+            word_ids, row_values = encoding["word_index"][row][starts[row]], values[row][starts[row]]
+            for word, value in zip(word_ids.tolist(), row_values.tolist(), strict=True):
+                words[example][word] = value
+        return words
 
     # ----------------------------------------------------------------------------------------------
     # images

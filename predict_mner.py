@@ -1,0 +1,163 @@
+"""Predict entities with a trained BGA-MNER model, from text alone.
+
+    python predict_mner.py --model outputs/bga-mner-twitter2015 --input tweets.txt --output entities.jsonl
+    python predict_mner.py --model you/bga-mner --input test.txt --input_format conll --output pred.conll
+
+Inputs: a text file with one text per line (`text`; blank lines are skipped), JSON lines with a `text`
+string or a `tokens` list per line (`jsonl`), or a CoNLL file (`conll`: `token` or `token<TAB>label`
+lines, `IMGID:` lines allowed, blank lines between examples). The format follows the file's ending
+(.jsonl, .conll) unless `--input_format` says; a .txt file is CoNLL if its first line has a tab or is an
+IMGID line. Outputs: JSON lines (`jsonl`: the text, its words' tags and its entities with text, type,
+start, end, score) or CoNLL (`conll`: `token<TAB>prediction`, or `token<TAB>gold<TAB>prediction` when the
+input had labels). Long texts are split into windows as the processor does; no word is dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForTokenClassification, AutoProcessor
+
+from processing_bga_mner import entities_from_tags, split_words
+from twitter_mner import CorpusFormatError, read_conll
+
+FORMATS = ("text", "jsonl", "conll")
+
+
+@dataclass
+class Example:
+    words: list[str]
+    spans: list[tuple[int, int]]  # character spans of the words in `text`
+    text: str
+    gold: list[str] | None = None
+    image_id: str | None = None
+
+
+def words_with_spans(words: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """Joins pre-split words with single spaces: the text and each word's span in it."""
+    spans, position = [], 0
+    for word in words:
+        spans.append((position, position + len(word)))
+        position += len(word) + 1
+    return " ".join(words), spans
+
+
+def guess_format(path: Path) -> str:
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    if path.suffix == ".conll":
+        return "conll"
+    with open(path, encoding="utf-8") as handle:
+        first = handle.readline()
+    return "conll" if "\t" in first or first.startswith("IMGID:") else "text"
+
+
+def read_examples(path: Path, input_format: str) -> list[Example]:
+    """Reads the input; raises `CorpusFormatError` naming file and line for malformed or empty input."""
+    examples = []
+    if input_format == "conll":
+        labelled = _conll_has_labels(path)
+        for example in read_conll(path, labelled=False):
+            text, spans = words_with_spans(example.tokens)
+            gold = example.labels if labelled else None
+            examples.append(Example(example.tokens, spans, text, gold, example.image_id))
+        return examples
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if input_format == "text":
+                words, spans = split_words(line)
+                examples.append(Example(words, spans, line))
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise CorpusFormatError(f"{path}:{number}: not a JSON object ({error.msg}).") from None
+            if isinstance(record, dict) and isinstance(record.get("text"), str):
+                words, spans = split_words(record["text"])
+                examples.append(Example(words, spans, record["text"]))
+            elif isinstance(record, dict) and isinstance(record.get("tokens"), list):
+                text, spans = words_with_spans([str(token) for token in record["tokens"]])
+                examples.append(Example([str(token) for token in record["tokens"]], spans, text))
+            else:
+                raise CorpusFormatError(f"{path}:{number}: expected an object with a 'text' string or a 'tokens' list.")
+    if not examples:
+        raise CorpusFormatError(f"{path}: no text in the file (empty file?).")
+    return examples
+
+
+def _conll_has_labels(path: Path) -> bool:
+    """Whether every token line of a CoNLL file carries a label."""
+    with open(path, encoding="utf-8") as handle:
+        lines = [line.rstrip("\r\n") for line in handle if line.strip() and not line.startswith("IMGID:")]
+    return all("\t" in line for line in lines)
+
+
+@torch.no_grad()
+def predict(model, processor, examples: list[Example], batch_size: int) -> tuple[list[list[str]], list[list]]:
+    """Tags and scores (CRF marginals) per word of each example, in batches with a progress bar."""
+    tags, scores = [], []
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(examples), batch_size), desc="predicting", unit="batch"):
+        chunk = examples[start : start + batch_size]
+        encoding = processor(words=[example.words for example in chunk])
+        inputs = {key: value.to(device) for key, value in encoding.items()}
+        outputs = model(**inputs, output_marginals=True)
+        predictions = outputs.predictions.cpu()
+        chosen = outputs.marginals.cpu().gather(-1, predictions.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        tags += processor.decode_predictions(predictions, encoding)
+        scores += processor.word_values(chosen, encoding)
+    return tags, scores
+
+
+def write_output(path: Path, output_format: str, examples: list[Example], tags, scores) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for example, example_tags, example_scores in zip(examples, tags, scores, strict=True):
+            if output_format == "jsonl":
+                entities = entities_from_tags(example_tags, example.spans, example_scores, example.text)
+                record = {"text": example.text, "tags": example_tags, "entities": entities}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                continue
+            if example.image_id is not None:
+                handle.write(f"IMGID:{example.image_id}\n")
+            gold = example.gold or [None] * len(example.words)
+            for word, label, tag in zip(example.words, gold, example_tags, strict=True):
+                handle.write("\t".join([word, *([label] if label else []), tag]) + "\n")
+            handle.write("\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="A trained BGA-MNER folder or Hub id.")
+    parser.add_argument("--input", required=True, type=Path)
+    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--input_format", choices=FORMATS, help="Default: from the file (see above).")
+    parser.add_argument("--output_format", choices=("jsonl", "conll"), help="Default: from --output's ending.")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if not args.input.is_file():
+        parser.error(f"{args.input}: no such file")
+    output_format = args.output_format or ("conll" if args.output.suffix == ".conll" else "jsonl")
+    try:
+        examples = read_examples(args.input, args.input_format or guess_format(args.input))
+    except CorpusFormatError as error:
+        sys.exit(f"error: {error}")
+    model = AutoModelForTokenClassification.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    tags, scores = predict(model, processor, examples, args.batch_size)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    write_output(args.output, output_format, examples, tags, scores)
+    print(f"{len(examples)} examples -> {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Text-only inference: CRF marginals, the token-classification pipeline, the text-only checkpoint,
+the prediction command and the model card."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from tiny import tiny_config, tiny_processor
+from transformers import AutoModelForTokenClassification, pipeline
+
+from model_card import build_model_card
+from modeling_bga_mner import BgaMnerForTokenClassification, LinearChainCrf
+from predict_mner import main as predict_main
+from processing_bga_mner import entities_from_tags, split_words
+
+ROOT = Path(__file__).resolve().parents[1]
+TWEETS = [
+    "RT @JayKenMinaj : Me outside of where George Zimmerman got shot at .",
+    "Obama\xa0visits  New York with #Apple CEO Tim Cook 😀 http://t.co/lekmNMNppV",
+    "Great day for baseball at Target Field \u200b with LeBron James !",
+    "no entities here",
+    "x",
+]
+
+
+def test_crf_marginals_equal_brute_force_enumeration():
+    torch.manual_seed(0)
+    crf = LinearChainCrf(3, batch_first=True)
+    emissions = torch.randn(2, 4, 3)
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    marginals = crf.marginals(emissions, mask)
+    for row, length in enumerate([4, 2]):
+        expected = torch.zeros(length, 3)
+        total = 0.0
+        for path in itertools.product(range(3), repeat=length):
+            tags = torch.tensor([path])
+            weight = crf(emissions[row : row + 1, :length], tags).exp().item()  # p(path)
+            total += weight
+            for i, tag in enumerate(path):
+                expected[i, tag] += weight
+        assert total == pytest.approx(1.0, abs=1e-5)
+        torch.testing.assert_close(marginals[row, :length], expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> tuple[Path, BgaMnerForTokenClassification, object]:
+    folder = tmp_path_factory.mktemp("model")
+    processor = tiny_processor(folder / "tokenizer", max_length=128)
+    torch.manual_seed(3)
+    text = {"vocab_size": len(processor.tokenizer), "max_position_embeddings": 256}
+    model = BgaMnerForTokenClassification(tiny_config(text=text)).eval()
+    with torch.no_grad():  # a CRF that likes entities, so that random weights still find some
+        model.crf.transitions.zero_()
+        model.classifier.bias.copy_(torch.tensor([-0.5, 1.0, 0.5, 1.0, 0.5, 1.0, 0.5, 1.0, 0.5]))
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, model, processor
+
+
+def model_entities(model, processor, text: str) -> list[dict]:
+    encoding = processor(text=[text])
+    with torch.no_grad():
+        outputs = model(**encoding, output_marginals=True)
+    tags = processor.decode_predictions(outputs.predictions, encoding)[0]
+    chosen = outputs.marginals.gather(-1, outputs.predictions.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    scores = processor.word_values(chosen, encoding)[0]
+    return entities_from_tags(tags, split_words(text)[1], scores, text)
+
+
+def test_pipeline_returns_the_models_viterbi_entities_for_every_aggregation_strategy(saved_model):
+    folder, model, processor = saved_model
+    ner = pipeline("token-classification", model=str(folder), trust_remote_code=True)
+    assert type(ner).__name__ == "BgaMnerTokenClassificationPipeline"
+    found = 0
+    for text in TWEETS:
+        expected = model_entities(model, processor, text)
+        found += len(expected)
+        for strategy in ("simple", "first", "average", "max"):
+            entities = ner(text, aggregation_strategy=strategy)
+            assert [(e["entity_group"], e["start"], e["end"], e["word"]) for e in entities] == [
+                (e["type"], e["start"], e["end"], e["text"]) for e in expected
+            ], (text, strategy)
+            assert [float(e["score"]) for e in entities] == pytest.approx([e["score"] for e in expected], abs=1e-5)
+            assert all(text[e["start"] : e["end"]] == e["word"] and 0 < e["score"] <= 1 for e in entities)
+        words = ner(text, aggregation_strategy="none")
+        assert all(e["word"] == text[e["start"] : e["end"]] and " " not in e["word"] for e in words)
+        assert sum(len(split_words(e["text"])[0]) for e in expected) == len(words)
+    assert found >= 5
+    # "#Apple" and "@JayKenMinaj" are one word each: offsets cover the whole white-space piece.
+    assert all(
+        e["word"] != "#" and e["word"] != "@" for e in ner(TWEETS[1] + " " + TWEETS[0], aggregation_strategy="simple")
+    )
+
+
+def test_pipeline_batches_and_pre_split_words(saved_model):
+    folder, model, processor = saved_model
+    ner = pipeline("token-classification", model=str(folder), trust_remote_code=True, aggregation_strategy="simple")
+    batched = ner(TWEETS, batch_size=2)
+    assert batched == [ner(text) for text in TWEETS]
+    words = ["Obama", "visits", "New", "York"]
+    (split,) = ner([words], is_split_into_words=True)
+    assert [(e["start"], e["end"]) for e in split] == [(e["start"], e["end"]) for e in ner(" ".join(words))]
+
+
+def test_inference_runs_no_vision_module_and_the_text_only_checkpoint_predicts_the_same(saved_model, tmp_path):
+    folder, model, processor = saved_model
+    calls = []
+    for module in (model.vision_embeddings, *model.vision_extractors, model.image_to_text_generator):
+        module.register_forward_hook(lambda *_: calls.append(1))
+    text_only = model.to_text_only()
+    text_only.save_pretrained(tmp_path / "text-only")
+    processor.save_pretrained(tmp_path / "text-only")
+    weights = load_file(tmp_path / "text-only" / "model.safetensors")
+    assert not any(key.startswith(("vision_", "visual_samplers", "image_to_text")) for key in weights)
+    loaded = AutoModelForTokenClassification.from_pretrained(tmp_path / "text-only", trust_remote_code=True).eval()
+    assert (
+        loaded.config.text_only and sum(p.numel() for p in loaded.parameters()) == model.parameter_report()["inference"]
+    )
+    encoding = processor(text=TWEETS)
+    with torch.no_grad():
+        full, small = model(**encoding, output_marginals=True), loaded(**encoding, output_marginals=True)
+    assert torch.equal(full.predictions, small.predictions)
+    torch.testing.assert_close(full.marginals, small.marginals)
+    ner = pipeline("token-classification", model=str(tmp_path / "text-only"), trust_remote_code=True)
+    assert ner(TWEETS[1]) == pipeline("token-classification", model=str(folder), trust_remote_code=True)(TWEETS[1])
+    assert calls == []
+
+
+def predict(*args: str) -> str | None:
+    """Runs the prediction command in-process; returns its error message, or None on success."""
+    try:
+        predict_main(list(args))
+    except SystemExit as exit_:
+        return str(exit_.code)
+    return None
+
+
+def test_prediction_command_reads_text_jsonl_and_conll(saved_model, tmp_path):
+    folder, model, processor = saved_model
+    (tmp_path / "tweets.txt").write_text("\n".join(TWEETS[:3]) + "\n\n", encoding="utf-8")
+    (tmp_path / "tweets.jsonl").write_text(
+        json.dumps({"text": TWEETS[1]}) + "\n" + json.dumps({"tokens": ["Obama", "visits", "Paris"]}) + "\n"
+    )
+    conll = ROOT / "tests" / "fixtures" / "tiny-corpus" / "test.txt"
+    for source, target in [("tweets.txt", "a.jsonl"), ("tweets.jsonl", "b.jsonl"), (conll, "c.conll")]:
+        assert (
+            predict("--model", str(folder), "--input", str(tmp_path / source), "--output", str(tmp_path / target))
+            is None
+        )
+    records = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in records] == TWEETS[:3]
+    for record, text in zip(records, TWEETS[:3], strict=True):
+        expected = model_entities(model, processor, text)
+        assert [{**e, "score": None} for e in record["entities"]] == [{**e, "score": None} for e in expected]
+        assert [e["score"] for e in record["entities"]] == pytest.approx([e["score"] for e in expected])
+        assert len(record["tags"]) == len(split_words(text)[0])
+    second = json.loads((tmp_path / "b.jsonl").read_text().splitlines()[1])
+    assert second["text"] == "Obama visits Paris" and len(second["tags"]) == 3
+    lines = (tmp_path / "c.conll").read_text().splitlines()
+    source = conll.read_text().splitlines()
+    assert len(lines) == len(source) + 1  # the same examples, a blank line after each
+    assert all(len(line.split("\t")) == 3 for line in lines if line and not line.startswith("IMGID:"))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.txt", "", "empty.txt: no text in the file"),
+        ("bad.jsonl", '{"text": "fine"}\n{oops\n', "bad.jsonl:2: not a JSON object"),
+        ("bad.jsonl", '{"text": "fine"}\n[1, 2]\n', "bad.jsonl:2: expected an object with a 'text' string"),
+        ("bad.conll", "Obama\tB-PER\nParis\tB-TOWN\n", "bad.conll:2: unknown label 'B-TOWN'"),
+    ],
+)
+def test_prediction_command_rejects_bad_input_with_file_and_line(saved_model, tmp_path, name, content, message):
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    error = predict("--model", str(saved_model[0]), "--input", str(tmp_path / name), "--output", str(tmp_path / "o"))
+    assert message in error
+
+
+def test_model_card_metadata_is_what_the_hub_reads(tmp_path):
+    metrics = {"overall": {"precision": 0.78, "recall": 0.74, "f1": 0.7631}, "PER": {"f1": 0.868}}
+    card = build_model_card({"test": metrics}, {"learning_rate": 3e-5}, ["bert-base-uncased"], "twitter2015")
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    assert loaded.data.pipeline_tag == "token-classification" and loaded.data.library_name == "transformers"
+    assert loaded.data.widget and all("text" in example for example in loaded.data.widget)
+    (result,) = [r for r in loaded.data.eval_results if r.metric_type == "f1"]
+    assert (result.task_type, result.dataset_name, result.dataset_split, result.metric_value) == (
+        "token-classification",
+        "twitter2015",
+        "test",
+        76.31,
+    )
+    assert "| test | 86.80 | 0.00 | 0.00 | 0.00 | 78.00 | 74.00 | 76.31 |" in loaded.text
