@@ -185,14 +185,24 @@ class CrossModalGenerator(nn.Module):
             for _ in range(config.generator_num_layers)
         )
 
-    def forward(self, source: torch.Tensor, source_mask: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+    def initial_states(self, num_queries: int | None = None) -> torch.Tensor:
+        """The first decoder layer's self-attention block over the first `num_queries` queries (all by
+        default): (1, n_q, d). It does not depend on the input, so a forward computes it once and shares
+        it across examples and BGA layers (in training its dropout noise is then shared too)."""
+        first = self.layers[0]
+        queries = self.queries[:num_queries].unsqueeze(0)
+        return first.norm1(queries + first._sa_block(queries, None, None))
+
+    def forward(self, source: torch.Tensor, source_mask: torch.Tensor, initial_states: torch.Tensor) -> torch.Tensor:
         """source (b, n_s, d), already in this generator's width; source_mask (b, n_s), nonzero = kept
-        (every row keeps at least one token). Uses the first `num_queries` queries (all by default).
-        Returns the generated tokens (b, n_q, d)."""
-        queries = self.queries[:num_queries].unsqueeze(0).expand(source.shape[0], -1, -1)
+        (every row keeps at least one token); initial_states (1, n_q, d) from `initial_states()`.
+        Returns the generated tokens (b, n_q, d): the decoder layers, the first one from its cross-attention on."""
         dropped = source_mask <= 0
-        generated = queries.to(source.dtype)
-        for layer in self.layers:
+        first = self.layers[0]
+        generated = initial_states.to(source.dtype).expand(source.shape[0], -1, -1)
+        generated = first.norm2(generated + first._mha_block(generated, source, None, dropped))
+        generated = first.norm3(generated + first._ff_block(generated))
+        for layer in self.layers[1:]:
             generated = layer(generated, source, memory_key_padding_mask=dropped)
         return generated
 
@@ -484,21 +494,26 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
             text_mask = text_valid.float()  # m_t^0: all ones (over real tokens)
             visual_mask = visual_valid.float() if image_rows is not None else None
             all_visual = text.new_ones((text.shape[0], config.num_visual_tokens), dtype=torch.bool)
+            visual_queries = self.text_to_image_generator.initial_states()  # once for all layers and examples
+            if image_rows is not None:
+                text_queries = self.image_to_text_generator.initial_states(text.shape[1])
             for layer in range(config.num_bga_layers):
                 if config.use_sampler:
                     text_mask = self.text_samplers[layer](text, text_mask)
                     if image_rows is not None:
                         visual_mask = self.visual_samplers[layer](visual, visual_mask)
                 text_masks.append(text_mask)
-                visual_hat = self.text_to_image_generator(self.text_to_visual(text), text_mask)  # Eq. (2)
+                visual_hat = self.text_to_image_generator(
+                    self.text_to_visual(text), text_mask, visual_queries
+                )  # Eq. (2)
                 text_side_visual, text_side_mask = self.visual_to_text(visual_hat), all_visual
 
                 if image_rows is not None:
                     visual_masks.append(visual_mask)
                     text_i, text_mask_i, text_valid_i = text[image_rows], text_mask[image_rows], text_valid[image_rows]
-                    text_hat = self.image_to_text_generator(  # Eq. (4)
-                        self.visual_to_text(visual), visual_mask, num_queries=text.shape[1]
-                    )
+                    text_hat = self.image_to_text_generator(
+                        self.visual_to_text(visual), visual_mask, text_queries
+                    )  # Eq. (4)
                     target_text, target_visual = text_i, visual
                     if config.detach_generation_targets:
                         target_text, target_visual = text_i.detach(), visual.detach()
@@ -512,11 +527,11 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
                     )
                     if config.use_cycle:  # Eq. (6)-(7): generate back from the generated, mask-agnostic
                         text_cycle = self.image_to_text_generator(
-                            self.visual_to_text(visual_hat[image_rows]),
-                            all_visual[image_rows],
-                            num_queries=text.shape[1],
+                            self.visual_to_text(visual_hat[image_rows]), all_visual[image_rows], text_queries
                         )
-                        visual_cycle = self.text_to_image_generator(self.text_to_visual(text_hat), text_valid_i)
+                        visual_cycle = self.text_to_image_generator(
+                            self.text_to_visual(text_hat), text_valid_i, visual_queries
+                        )
                         cycle = (
                             cycle
                             + (

@@ -11,7 +11,7 @@ from torchcrf import CRF
 from transformers import AutoModelForTokenClassification, BertModel, CLIPConfig, CLIPModel, CLIPVisionModel
 
 from configuration_bga_mner import BgaMnerConfig
-from modeling_bga_mner import BgaMnerForTokenClassification, LinearChainCrf
+from modeling_bga_mner import BgaMnerForTokenClassification, CrossModalGenerator, LinearChainCrf
 
 
 def text_only(batch: dict) -> dict:
@@ -267,3 +267,17 @@ def test_towers_of_different_widths_are_bridged_by_projections():
     out = model(**random_batch(model.config))
     assert torch.isfinite(out.loss) and out.reconstruction_loss > 0
     assert model.parameter_report()["modality_projections"] == 2 * 32 * 24 + 32 + 24
+
+
+def test_generator_sharing_the_query_self_attention_equals_the_plain_decoder_layers():
+    torch.manual_seed(0)
+    generator = CrossModalGenerator(32, 10, 4, tiny_config(generator_num_layers=2)).eval()
+    torch.nn.init.normal_(generator.queries)
+    source, mask = torch.randn(3, 7, 32), torch.rand(3, 7) > 0.3
+    mask[:, 0] = True
+    with torch.no_grad():
+        expected = generator.queries.unsqueeze(0).expand(3, -1, -1)
+        for layer in generator.layers:
+            expected = layer(expected, source, memory_key_padding_mask=~mask)
+        shared = generator(source, mask.float(), generator.initial_states())
+    torch.testing.assert_close(shared, expected)
