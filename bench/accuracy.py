@@ -30,8 +30,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, BertForTokenClassification, CLIPConfig, CLIPImageProcessorPil, CLIPModel
-from transformers import get_linear_schedule_with_warmup
+from transformers import (
+    AutoTokenizer,
+    BertForTokenClassification,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    get_linear_schedule_with_warmup,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
