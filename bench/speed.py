@@ -180,9 +180,8 @@ def main() -> None:
     )
     if args.device == "cuda":
         machine = torch.cuda.get_device_name() + ", " + machine
-    print(
-        f"# {machine}; device {args.device}, {args.dtype}; texts: {'Twitter2015 test' if DATA.is_file() else 'synthetic'}"
-    )
+    texts = "Twitter2015 test" if DATA.is_file() else "synthetic"
+    print(f"# {machine}; device {args.device}, {args.dtype}; texts: {texts}")
     results = {}
     for case in args.cases:
         command = [sys.executable, __file__, "--one", case, *sys.argv[1:]]
