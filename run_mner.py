@@ -200,7 +200,12 @@ def load_model_and_processor(model_args: ModelArguments, data_args: DataArgument
             **overrides,
         )
         tokenizer = AutoTokenizer.from_pretrained(model_args.text_model)
-        image_processor = CLIPImageProcessorPil.from_pretrained(model_args.vision_model)
+        # BERT-CRF (use_generation=False) reads no image: it needs no vision model at all.
+        image_processor = (
+            CLIPImageProcessorPil.from_pretrained(model_args.vision_model)
+            if model_args.use_generation
+            else CLIPImageProcessorPil()
+        )
     except OSError as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         raise SystemExit(

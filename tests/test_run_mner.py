@@ -157,3 +157,10 @@ def test_configuration_files_are_overridden_by_flags():
         3e-5,
         16,
     )
+
+
+def test_bert_crf_ablation_needs_no_vision_model(tmp_path):
+    run(str(SMOKE), "--use_generation", "false", "--vision_model", "no-such/vision-model", "--num_train_epochs", "1",
+        "--output_dir", str(tmp_path / "bert-crf"))  # fmt: skip
+    model = AutoModelForTokenClassification.from_pretrained(tmp_path / "bert-crf", trust_remote_code=True)
+    assert not model.config.use_generation and not hasattr(model, "vision_embeddings")
