@@ -12,7 +12,9 @@ d_t / d_v = text / vision hidden sizes, C = number of labels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +37,9 @@ def hybrid_attention(
     queries: torch.Tensor,
     keys_values: torch.Tensor,
     key_mask: torch.Tensor,
-    q_proj: nn.Linear,
-    k_proj: nn.Linear,
-    v_proj: nn.Linear,
+    q_proj: Callable[[torch.Tensor], torch.Tensor],
+    k_proj: Callable[[torch.Tensor], torch.Tensor],
+    v_proj: Callable[[torch.Tensor], torch.Tensor],
     num_heads: int,
     dropout: float,
 ) -> torch.Tensor:
@@ -185,25 +187,44 @@ class CrossModalGenerator(nn.Module):
             for _ in range(config.generator_num_layers)
         )
 
-    def initial_states(self, num_queries: int | None = None) -> torch.Tensor:
-        """The first decoder layer's self-attention block over the first `num_queries` queries (all by
-        default): (1, n_q, d). It does not depend on the input, so a forward computes it once and shares
-        it across examples and BGA layers (in training its dropout noise is then shared too)."""
+    def initial_states(self, num_queries: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the first decoder layer computes from the first `num_queries` queries alone (all by
+        default): its self-attention block's output (1, n_q, d) and that output projected to
+        cross-attention queries (1, n_q, d). Neither depends on the input, so a forward computes them
+        once and shares them across examples and BGA layers (in training the dropout noise of the
+        self-attention block is then shared too)."""
         first = self.layers[0]
         queries = self.queries[:num_queries].unsqueeze(0)
-        return first.norm1(queries + first._sa_block(queries, None, None))
+        states = first.norm1(queries + first._sa_block(queries, None, None))
+        weight, bias = first.multihead_attn.in_proj_weight, first.multihead_attn.in_proj_bias
+        return states, F.linear(states, weight.chunk(3)[0], bias.chunk(3)[0])
 
-    def forward(self, source: torch.Tensor, source_mask: torch.Tensor, initial_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, source: torch.Tensor, source_mask: torch.Tensor, initial: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         """source (b, n_s, d), already in this generator's width; source_mask (b, n_s), nonzero = kept
-        (every row keeps at least one token); initial_states (1, n_q, d) from `initial_states()`.
-        Returns the generated tokens (b, n_q, d): the decoder layers, the first one from its cross-attention on."""
-        dropped = source_mask <= 0
+        (every row keeps at least one token); initial: from `initial_states()`. Returns the generated
+        tokens (b, n_q, d): the decoder layers, the first one from its cross-attention on, Eq. (3)."""
+        states, attention_queries = initial
+        batch = source.shape[0]
         first = self.layers[0]
-        generated = initial_states.to(source.dtype).expand(source.shape[0], -1, -1)
-        generated = first.norm2(generated + first._mha_block(generated, source, None, dropped))
+        attention = first.multihead_attn
+        _, key_weight, value_weight = attention.in_proj_weight.chunk(3)
+        _, key_bias, value_bias = attention.in_proj_bias.chunk(3)
+        context = hybrid_attention(
+            attention_queries.expand(batch, -1, -1),
+            source,
+            source_mask > 0,
+            nn.Identity(),  # the queries are projected already
+            partial(F.linear, weight=key_weight, bias=key_bias),
+            partial(F.linear, weight=value_weight, bias=value_bias),
+            attention.num_heads,
+            attention.dropout if self.training else 0.0,
+        )
+        generated = first.norm2(states + first.dropout2(attention.out_proj(context)))
         generated = first.norm3(generated + first._ff_block(generated))
         for layer in self.layers[1:]:
-            generated = layer(generated, source, memory_key_padding_mask=dropped)
+            generated = layer(generated, source, memory_key_padding_mask=source_mask <= 0)
         return generated
 
 
