@@ -19,9 +19,9 @@ from transformers import TokenClassificationPipeline
 from transformers.pipelines.token_classification import AggregationStrategy
 
 try:  # as a package (tests, scripts) or as the Hub's dynamic module
-    from .processing_bga_mner import entities_from_tags, split_words
+    from .processing_bga_mner import entities_from_tags, join_words, split_words
 except ImportError:
-    from processing_bga_mner import entities_from_tags, split_words
+    from processing_bga_mner import entities_from_tags, join_words, split_words
 
 BOOKKEEPING = ("special_tokens_mask", "offset_mapping", "sentence", "is_last", "word_ids", "word_to_chars_map")
 
@@ -33,10 +33,7 @@ class BgaMnerTokenClassificationPipeline(TokenClassificationPipeline):
         if isinstance(sentence, str):
             spans = split_words(sentence)[1]
         else:  # is_split_into_words=True: the words as given, joined by the delimiter
-            spans, position = [], 0
-            for word in sentence:
-                spans.append((position, position + len(word)))
-                position += len(word) + len(preprocess_params["delimiter"])
+            spans = join_words(sentence, preprocess_params["delimiter"])[1]
         for model_inputs in super().preprocess(sentence, offset_mapping, **preprocess_params):
             token_words = self._token_words(model_inputs, spans)
             model_inputs["word_spans"] = spans

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForTokenClassification, AutoProcessor
 
-from processing_bga_mner import entities_from_tags, split_words
+from processing_bga_mner import entities_from_tags, join_words, split_words
 from twitter_mner import CorpusFormatError, read_conll
 
 FORMATS = ("text", "jsonl", "conll")
@@ -37,15 +37,6 @@ class Example:
     text: str
     gold: list[str] | None = None
     image_id: str | None = None
-
-
-def words_with_spans(words: list[str]) -> tuple[str, list[tuple[int, int]]]:
-    """Joins pre-split words with single spaces: the text and each word's span in it."""
-    spans, position = [], 0
-    for word in words:
-        spans.append((position, position + len(word)))
-        position += len(word) + 1
-    return " ".join(words), spans
 
 
 def guess_format(path: Path) -> str:
@@ -64,7 +55,7 @@ def read_examples(path: Path, input_format: str) -> list[Example]:
     if input_format == "conll":
         labelled = _conll_has_labels(path)
         for example in read_conll(path, labelled=False):
-            text, spans = words_with_spans(example.tokens)
+            text, spans = join_words(example.tokens)
             gold = example.labels if labelled else None
             examples.append(Example(example.tokens, spans, text, gold, example.image_id))
         return examples
@@ -85,7 +76,7 @@ def read_examples(path: Path, input_format: str) -> list[Example]:
                 words, spans = split_words(record["text"])
                 examples.append(Example(words, spans, record["text"]))
             elif isinstance(record, dict) and isinstance(record.get("tokens"), list):
-                text, spans = words_with_spans([str(token) for token in record["tokens"]])
+                text, spans = join_words([str(token) for token in record["tokens"]])
                 examples.append(Example([str(token) for token in record["tokens"]], spans, text))
             else:
                 raise CorpusFormatError(f"{path}:{number}: expected an object with a 'text' string or a 'tokens' list.")

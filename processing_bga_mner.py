@@ -44,6 +44,15 @@ def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
     return [m.group() for m in matches], [m.span() for m in matches]
 
 
+def join_words(words: Sequence[str], delimiter: str = " ") -> tuple[str, list[tuple[int, int]]]:
+    """Joins pre-split words with `delimiter`: the text and each word's character span [start, end) in it."""
+    spans, position = [], 0
+    for word in words:
+        spans.append((position, position + len(word)))
+        position += len(word) + len(delimiter)
+    return delimiter.join(words), spans
+
+
 def _per_example(examples: list[int], num_words: list[int]) -> list[int]:
     """Word counts per example, from the per-window `example_index` and `num_words`."""
     counts = [0] * (max(examples) + 1 if examples else 0)
