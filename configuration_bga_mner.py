@@ -36,13 +36,23 @@ class BgaMnerConfig(PretrainedConfig):
             visual sequence has `(1 + num_object_crops) * tokens_per_image` tokens (200 for ViT-B/32).
         max_text_length (`int`, defaults to 128): the longest text (in sub-words), and so the number of
             learnable textual queries Q_t of the image2text generator.
-        generator_num_layers (`int`, defaults to 1): Transformer decoder layers in each cross-modal generator.
-            One layer at d=768 with `generator_intermediate_size=2048` is the paper's 7.9M-parameter G_t2v.
-        generator_intermediate_size (`int`, defaults to 2048): feed-forward width of the generators.
+        generator_intermediate_size (`int`, defaults to 2048): feed-forward width of the generators. Each
+            generator is one Transformer decoder block; at d=768 it has the paper's 7.9M parameters (G_t2v).
         generator_dropout (`float`, defaults to 0.1): dropout inside the generators.
         gumbel_temperature (`float`, defaults to 1.0): temperature of the samplers' Gumbel-Softmax (training).
-        sampler_keep_threshold (`float`, defaults to 0.5): at inference a token is kept when its keep
-            probability exceeds this (training samples hard masks with the straight-through Gumbel estimator).
+        cumulative_sampler_masks (`bool`, defaults to `False`): `False` is the paper's Eq. (1): each BGA layer's
+            sampler decides afresh and m^{l-1} enters only its global context g. `True` makes masks cumulative
+            (m^l <= m^{l-1}, a dropped token stays dropped), as DynamicViT does; see the README for the measurement.
+        sampler_inference_rule (`"expected_count"` or `"threshold"`, defaults to `"expected_count"`): how a sampler
+            decides without noise at inference. "expected_count" keeps, per example, the k sampled tokens with the
+            highest keep probability, k = round(sum of keep probabilities): as many as training keeps on average.
+            "threshold" keeps a token when its keep probability exceeds `sampler_keep_threshold`.
+        sampler_keep_threshold (`float`, defaults to 0.5): the threshold of the "threshold" rule.
+        keep_ratio_target (`float`, defaults to 0.5) and keep_ratio_weight (`float`, defaults to 2.0): DynamicViT's
+            keep-ratio loss, keep_ratio_weight * mean over layers and examples of (kept share - target)^2, added
+            to Eq. (11); weight 0 turns it off.
+        generation_loss_reduction (`"sum"` or `"mean"`, defaults to `"sum"`): Eq. (5) and (7) sum the KL over the
+            sampled tokens (alpha = 0.001 is calibrated for that); "mean" divides each sum by the sampled tokens.
         alpha (`float`, defaults to 0.001): weight of the generation losses, Eq. (11).
         detach_generation_targets (`bool`, defaults to `True`): the real features that the reconstruction
             and cycle losses compare against are treated as constants, so a branch cannot lower the loss by
@@ -68,11 +78,15 @@ class BgaMnerConfig(PretrainedConfig):
     num_bga_layers: int | None = None
     num_object_crops: int = 3
     max_text_length: int = 128
-    generator_num_layers: int = 1
     generator_intermediate_size: int = 2048
     generator_dropout: float = 0.1
     gumbel_temperature: float = 1.0
+    cumulative_sampler_masks: bool = False
+    sampler_inference_rule: Literal["expected_count", "threshold"] = "expected_count"
     sampler_keep_threshold: float = 0.5
+    keep_ratio_target: float = 0.5
+    keep_ratio_weight: float = 2.0
+    generation_loss_reduction: Literal["sum", "mean"] = "sum"
     alpha: float = 0.001
     detach_generation_targets: bool = True
     use_sampler: bool = True
@@ -99,8 +113,18 @@ class BgaMnerConfig(PretrainedConfig):
                 f"has {self.text_config.num_hidden_layers} and the vision tower {self.vision_config.num_hidden_layers} "
                 f"layers, so N is between 1 and {max_layers}."
             )
-        if self.inference_visual not in ("generated", "real"):
-            raise ValueError(f"inference_visual must be 'generated' or 'real', got {self.inference_visual!r}.")
+        for name, allowed in (
+            ("inference_visual", ("generated", "real")),
+            ("sampler_inference_rule", ("expected_count", "threshold")),
+            ("generation_loss_reduction", ("sum", "mean")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if not 0.0 <= self.keep_ratio_target <= 1.0 or self.keep_ratio_weight < 0:
+            raise ValueError(
+                f"keep_ratio_target must be in [0, 1] and keep_ratio_weight >= 0, got {self.keep_ratio_target} "
+                f"and {self.keep_ratio_weight}."
+            )
         if self.text_only and self.inference_visual == "real":
             raise ValueError("A text_only model has no visual branch: inference_visual must be 'generated'.")
         if self.num_object_crops < 0:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -128,16 +127,16 @@ class VisualFeatureExtractor(CLIPEncoderLayer):
 class StageRefinedContextSampler(nn.Module):
     """Stage-refined Context Sampler (SCS), Sec. 3.3, after DynamicViT's predictor.
 
-    z = MLP_phi(T) (local), g = GAP(MLP_psi(T) * m^{l-1}) (global content kept so far), Eq. (1);
-    p = Softmax(MLP_Phi([z, g])) over {drop, keep}; m^l ~ GumbelSoftmax(p) with the straight-through
-    estimator in training, p_keep > threshold at inference. Masks are cumulative (m^l <= m^{l-1}), padding
-    is never kept and position 0 ([CLS] / the global image's class token) is always kept.
+    z = MLP_phi(T) (local), g = GAP(MLP_psi(T) * m^{l-1}) (global content kept by the previous layer), Eq. (1);
+    p = Softmax(MLP_Phi([z, g])) over {drop, keep}. Training samples m^l ~ GumbelSoftmax(p) with the
+    straight-through estimator, so m^l is exactly 0 / 1 and still carries gradient. Inference decides
+    without noise (`config.sampler_inference_rule`). Padding is never kept; position 0 ([CLS] / the global
+    image's class token) is always kept, so no example is ever left with nothing to attend to.
     """
 
     def __init__(self, hidden_size: int, config: BgaMnerConfig):
         super().__init__()
-        self.temperature = config.gumbel_temperature
-        self.keep_threshold = config.sampler_keep_threshold
+        self.config = config
         self.norm = nn.LayerNorm(hidden_size)
         self.local_mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size // 2), nn.GELU())  # MLP_phi
         self.global_mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size // 2), nn.GELU())  # MLP_psi
@@ -149,83 +148,306 @@ class StageRefinedContextSampler(nn.Module):
             nn.Linear(hidden_size // 4, 2),
         )
 
-    def forward(self, hidden: torch.Tensor, previous_mask: torch.Tensor) -> torch.Tensor:
-        """hidden (b, n, d); previous_mask (b, n) float in {0, 1}, m^{l-1} (the valid tokens at the
-        first BGA layer). Returns m^l (b, n) float in {0, 1}, differentiable in training."""
+    def keep_probability(self, hidden: torch.Tensor, previous_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. (1) and p: hidden (b, n, d), previous_mask (b, n) -> the {drop, keep} logits (b, n, 2) and p_keep
+        (b, n), float32."""
         hidden = self.norm(hidden)
-        local = self.local_mlp(hidden)
         kept = previous_mask.unsqueeze(-1).to(hidden.dtype)
-        global_ = (self.global_mlp(hidden) * kept).sum(1) / kept.sum(1).clamp(min=1.0)  # GAP over kept tokens
+        global_ = (self.global_mlp(hidden) * kept).sum(1) / kept.sum(1).clamp(min=1.0)  # g: GAP over kept tokens
+        local = self.local_mlp(hidden)  # z
         logits = self.decision_mlp(torch.cat([local, global_.unsqueeze(1).expand_as(local)], dim=-1)).float()
+        return logits, logits.softmax(-1)[..., 1]
+
+    def forward(self, hidden: torch.Tensor, valid: torch.Tensor, previous_mask: torch.Tensor) -> torch.Tensor:
+        """hidden (b, n, d); valid (b, n) bool; previous_mask (b, n) float, m^{l-1} (the valid tokens at the first
+        BGA layer). Returns m^l (b, n) float in {0, 1}, differentiable in training."""
+        logits, keep_probability = self.keep_probability(hidden, previous_mask)
+        candidates = sampled_positions(valid)
+        if self.config.cumulative_sampler_masks:
+            candidates = candidates & (previous_mask > 0)
         if self.training:
-            keep = F.gumbel_softmax(logits, tau=self.temperature, hard=True)[..., 1]
+            keep = F.gumbel_softmax(logits, tau=self.config.gumbel_temperature, hard=True)[..., 1]
         else:
-            keep = (logits.softmax(-1)[..., 1] > self.keep_threshold).float()
-        mask = keep * previous_mask
-        always_kept = torch.zeros_like(mask, dtype=torch.bool)
-        always_kept[:, 0] = True
-        return torch.where(always_kept, torch.ones_like(mask), mask)
+            keep = self.decide(keep_probability, candidates)
+        keep = torch.where(candidates, keep, 0.0)
+        return torch.where(always_kept(valid), 1.0, keep)
+
+    def decide(self, keep_probability: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """The inference mask (b, n) float from keep probabilities (b, n) over the candidate tokens (b, n) bool."""
+        if self.config.sampler_inference_rule == "threshold":
+            return (keep_probability > self.config.sampler_keep_threshold).float()
+        # "expected_count": the k most probable tokens, k = the number that training keeps on average.
+        count = torch.where(candidates, keep_probability, 0.0).sum(1, keepdim=True).round()
+        ranking = torch.argsort(torch.where(candidates, keep_probability, -1.0), dim=1, descending=True, stable=True)
+        rank = ranking.argsort(dim=1)
+        return (rank < count).float()
+
+
+def always_kept(valid: torch.Tensor) -> torch.Tensor:
+    """(b, n) bool: position 0 of each example ([CLS] / the global image's class token), which every mask keeps."""
+    first = torch.zeros_like(valid)
+    first[:, 0] = True
+    return first
+
+
+def sampled_positions(valid: torch.Tensor) -> torch.Tensor:
+    """(b, n) bool: the tokens a sampler decides on, the valid ones but position 0."""
+    return valid & ~always_kept(valid)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """DynamicViT's attention masking: softmax of `scores` (..., n_k) over the keys that `mask` (..., n_k),
+    broadcastable, in [0, 1]) keeps. The mask weights the exponentiated scores before normalisation, so the
+    result equals the -inf-masked softmax for a 0 / 1 mask, and its gradient reaches the mask."""
+    scores = scores.float()
+    weights = (scores - scores.amax(-1, keepdim=True)).exp() * mask
+    return weights / weights.sum(-1, keepdim=True).clamp(min=1e-30)
+
+
+class GeneratorAttention(nn.Module):
+    """Multi-head attention of a cross-modal generator, Eq. (3), with its own W_Q, W_K, W_V and output map."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, dropout
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.output = nn.Linear(hidden_size, hidden_size)
+
+    def attend(
+        self, queries: torch.Tensor, keys_values: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """queries (b or 1, n_q, d), already projected by `self.query`; keys_values (b, n_k, d); key_mask (b, n_k)
+        float in [0, 1] or None (attend to all). Returns (b, n_q, d) after the output map.
+
+        The paper's M (0 for kept, -inf for dropped) at inference; in training the mask weights the scores as in
+        DynamicViT (`masked_softmax`), so every loss that reads the output trains the sampler behind the mask."""
+        b, n_k = keys_values.shape[:2]
+        n_q = queries.shape[1]
+        q = queries.expand(b, -1, -1).reshape(b, n_q, self.num_heads, -1).transpose(1, 2)
+        k = self.key(keys_values).view(b, n_k, self.num_heads, -1).transpose(1, 2)
+        v = self.value(keys_values).view(b, n_k, self.num_heads, -1).transpose(1, 2)
+        dropout = self.dropout if self.training else 0.0
+        if key_mask is not None and self.training:
+            scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+            weights = masked_softmax(scores, key_mask[:, None, None, :].float())
+            context = F.dropout(weights, dropout, training=True).to(v.dtype) @ v
+        else:
+            attn_mask = None if key_mask is None else key_mask[:, None, None, :] > 0
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        return self.output(context.transpose(1, 2).reshape(b, n_q, -1))
 
 
 class CrossModalGenerator(nn.Module):
-    """One generator of the Multi-level Cross-modal Generator (Sec. 3.4), shared by all BGA layers:
-    learnable modality queries Q (n_q, d) cross-attend to the sampled content of the other modality,
-    Eq. (2)-(4). The attention mask is 0 for kept and -inf for dropped tokens (the paper's M)."""
+    """One generator of the Multi-level Cross-modal Generator (Sec. 3.4): learnable modality queries Q (n_q, d)
+    self-attend, cross-attend to the sampled content of the other modality, Eq. (2)-(4), then a feed-forward
+    block; post-norm, as a Transformer decoder block (at d=768, ff=2048: the paper's 7.9M parameters)."""
 
     def __init__(self, hidden_size: int, num_queries: int, num_heads: int, config: BgaMnerConfig):
         super().__init__()
+        dropout = config.generator_dropout
         self.queries = nn.Parameter(torch.zeros(num_queries, hidden_size))
-        self.layers = nn.ModuleList(
-            nn.TransformerDecoderLayer(
-                hidden_size,
-                num_heads,
-                dim_feedforward=config.generator_intermediate_size,
-                dropout=config.generator_dropout,
-                activation="gelu",
-                batch_first=True,
-            )
-            for _ in range(config.generator_num_layers)
+        self.self_attention = GeneratorAttention(hidden_size, num_heads, dropout)
+        self.self_attention_norm = nn.LayerNorm(hidden_size)
+        self.cross_attention = GeneratorAttention(hidden_size, num_heads, dropout)
+        self.cross_attention_norm = nn.LayerNorm(hidden_size)
+        self.feed_forward = nn.Sequential(
+            nn.Linear(hidden_size, config.generator_intermediate_size),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(config.generator_intermediate_size, hidden_size),
         )
+        self.feed_forward_norm = nn.LayerNorm(hidden_size)
+        self.dropout = nn.Dropout(dropout)
 
-    def initial_states(self, num_queries: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the first decoder layer computes from the first `num_queries` queries alone (all by
-        default): its self-attention block's output (1, n_q, d) and that output projected to
-        cross-attention queries (1, n_q, d). Neither depends on the input, so a forward computes them
-        once and shares them across examples and BGA layers (in training the dropout noise of the
-        self-attention block is then shared too)."""
-        first = self.layers[0]
-        queries = self.queries[:num_queries].unsqueeze(0)
-        states = first.norm1(queries + first._sa_block(queries, None, None))
-        weight, bias = first.multihead_attn.in_proj_weight, first.multihead_attn.in_proj_bias
-        return states, F.linear(states, weight.chunk(3)[0], bias.chunk(3)[0])
+    def query_states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries after their self-attention block (1, n_q, d), and those states projected to cross-attention
+        queries (1, n_q, d). Both are input-independent: a forward computes them once, over all queries, for
+        every example and BGA layer (in training the dropout noise of this block is then shared too)."""
+        queries = self.queries.unsqueeze(0)
+        attention = self.self_attention
+        states = self.self_attention_norm(queries + self.dropout(attention.attend(attention.query(queries), queries)))
+        return states, self.cross_attention.query(states)
 
     def forward(
-        self, source: torch.Tensor, source_mask: torch.Tensor, initial: tuple[torch.Tensor, torch.Tensor]
+        self, source: torch.Tensor, source_mask: torch.Tensor, query_states: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
-        """source (b, n_s, d), already in this generator's width; source_mask (b, n_s), nonzero = kept
-        (every row keeps at least one token); initial: from `initial_states()`. Returns the generated
-        tokens (b, n_q, d): the decoder layers, the first one from its cross-attention on, Eq. (3)."""
-        states, attention_queries = initial
-        batch = source.shape[0]
-        first = self.layers[0]
-        attention = first.multihead_attn
-        _, key_weight, value_weight = attention.in_proj_weight.chunk(3)
-        _, key_bias, value_bias = attention.in_proj_bias.chunk(3)
-        context = hybrid_attention(
-            attention_queries.expand(batch, -1, -1),
-            source,
-            source_mask > 0,
-            nn.Identity(),  # the queries are projected already
-            partial(F.linear, weight=key_weight, bias=key_bias),
-            partial(F.linear, weight=value_weight, bias=value_bias),
-            attention.num_heads,
-            attention.dropout if self.training else 0.0,
+        """source (b, n_s, d), in this generator's width; source_mask (b, n_s) float, the sampler's mask (every
+        row keeps a token); query_states from `query_states()`, possibly cut to the first n_q queries.
+        Returns the generated tokens (b, n_q, d)."""
+        states, queries = query_states
+        generated = self.cross_attention_norm(
+            states + self.dropout(self.cross_attention.attend(queries, source, source_mask))  # Eq. (3)
         )
-        generated = first.norm2(states + first.dropout2(attention.out_proj(context)))
-        generated = first.norm3(generated + first._ff_block(generated))
-        for layer in self.layers[1:]:
-            generated = layer(generated, source, memory_key_padding_mask=source_mask <= 0)
-        return generated
+        return self.feed_forward_norm(generated + self.dropout(self.feed_forward(generated)))
+
+
+@dataclass
+class GeneratorQueries:
+    """The generators' input-independent query states for one forward: visual (G_t2v, all n_v queries) and
+    textual (G_v2t, all max_text_length queries, or None when no image is read)."""
+
+    visual: tuple[torch.Tensor, torch.Tensor]
+    text: tuple[torch.Tensor, torch.Tensor] | None
+
+
+class MultiLevelCrossModalGenerator(nn.Module):
+    """Multi-level Cross-modal Generator (MCG), Sec. 3.4: the text2image generator G_t2v and the image2text
+    generator G_v2t, shared by all BGA layers, with linear maps between the towers' widths when they differ
+    (**choice**). A `text_only` model has no G_v2t."""
+
+    def __init__(self, config: BgaMnerConfig):
+        super().__init__()
+        text_cfg, vision_cfg = config.text_config, config.vision_config
+        same_width = text_cfg.hidden_size == vision_cfg.hidden_size
+        self.text_to_visual = nn.Identity() if same_width else nn.Linear(text_cfg.hidden_size, vision_cfg.hidden_size)
+        self.visual_to_text = nn.Identity() if same_width else nn.Linear(vision_cfg.hidden_size, text_cfg.hidden_size)
+        self.text_to_image = CrossModalGenerator(
+            vision_cfg.hidden_size, config.num_visual_tokens, vision_cfg.num_attention_heads, config
+        )
+        if not config.text_only:
+            self.image_to_text = CrossModalGenerator(
+                text_cfg.hidden_size, config.max_text_length, text_cfg.num_attention_heads, config
+            )
+
+    def query_states(self, with_text: bool) -> GeneratorQueries:
+        return GeneratorQueries(
+            self.text_to_image.query_states(), self.image_to_text.query_states() if with_text else None
+        )
+
+    def generate_visual(self, text: torch.Tensor, text_mask: torch.Tensor, queries: GeneratorQueries) -> torch.Tensor:
+        """V_hat = G_t2v(T, Q_v, m_t), Eq. (2): text (b, n_t, d_t), text_mask (b, n_t) -> (b, n_v, d_v)."""
+        return self.text_to_image(self.text_to_visual(text), text_mask, queries.visual)
+
+    def generate_text(self, visual: torch.Tensor, visual_mask: torch.Tensor, queries: GeneratorQueries, length: int):
+        """T_hat = G_v2t(V, Q_t, m_v), Eq. (4): visual (b, n_v, d_v), visual_mask (b, n_v) -> (b, length, d_t), from
+        the first `length` of the max_text_length queries (so a text's T_hat does not depend on its batch)."""
+        limit = queries.text[0].shape[1]
+        if length > limit:
+            raise ValueError(
+                f"A text of {length} sub-words is longer than the image2text generator's {limit} text queries "
+                f"(config.max_text_length): split texts into windows of at most {limit} sub-words (the processor's "
+                f"max_length does this) or build the model with a larger max_text_length."
+            )
+        states, cross_queries = queries.text
+        cut = (states[:, :length], cross_queries[:, :length])
+        return self.image_to_text(self.visual_to_text(visual), visual_mask, cut)
+
+
+@dataclass
+class VisualTokens:
+    """The visual branch inside the BGA stack, for the examples with an image.
+
+    rows (b_v,): their indices in the batch; states (b_v, n_v, d_v); valid (b_v, n_v) bool (tokens of present
+    image slots); mask (b_v, n_v) float: the visual sampler's mask of the previous layer."""
+
+    rows: torch.Tensor
+    states: torch.Tensor
+    valid: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class BgaLayerOutput:
+    """text (b, n_t, d_t) and text_mask (b, n_t): the next text states and this layer's text sampler mask; visual:
+    the next visual tokens (None without images and after the last layer); visual_mask, visual_valid (b_v, n_v):
+    this layer's visual sampler mask and the valid visual tokens; reconstruction, cycle (b_v,): Eq. (5) and (7)
+    per example with an image (None without images)."""
+
+    text: torch.Tensor
+    text_mask: torch.Tensor
+    visual: VisualTokens | None = None
+    visual_mask: torch.Tensor | None = None
+    visual_valid: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+    cycle: torch.Tensor | None = None
+
+
+def token_kl(target: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    """sum_i KL(softmax(target_i) || softmax(generated_i)) * m_i over tokens (softmax over channels), per example,
+    Eq. (5) / (7): (b, n, d) x 2, mask (b, n) -> (b,) float32. "mean" divides by the sampled tokens."""
+    kl = F.kl_div(
+        generated.float().log_softmax(-1), target.float().log_softmax(-1), log_target=True, reduction="none"
+    ).sum(-1)
+    total = (kl * mask).sum(1)
+    return total / mask.sum(1).clamp(min=1.0) if reduction == "mean" else total
+
+
+class BgaLayer(nn.Module):
+    """One bidirectional generative alignment layer (Fig. 2), l = 1..N.
+
+    Text: SCS -> G_t2v generates V_hat from the sampled text -> the text extractor (BERT layer l) reads
+    [T ; V_hat]. With images, symmetrically: SCS -> G_v2t generates T_hat from the sampled patches -> the visual
+    extractor (ViT layer l; none in the last layer, whose visual output nothing reads) reads [V ; T_hat]; and the
+    reconstruction and cycle losses compare generated with real features on the sampled tokens.
+    """
+
+    def __init__(self, config: BgaMnerConfig, visual_extractor: bool):
+        super().__init__()
+        self.config = config
+        text_cfg, vision_cfg = config.text_config, config.vision_config
+        self.text_extractor = TextualFeatureExtractor(text_cfg)
+        with_sampler = config.use_generation and config.use_sampler
+        with_visual = config.use_generation and not config.text_only
+        if with_sampler:
+            self.text_sampler = StageRefinedContextSampler(text_cfg.hidden_size, config)
+        if with_sampler and with_visual:
+            self.visual_sampler = StageRefinedContextSampler(vision_cfg.hidden_size, config)
+        if with_visual and visual_extractor:
+            self.visual_extractor = VisualFeatureExtractor(vision_cfg)
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        text_valid: torch.Tensor,
+        text_mask: torch.Tensor,
+        visual: VisualTokens | None,
+        generator: MultiLevelCrossModalGenerator,
+        queries: GeneratorQueries,
+    ) -> BgaLayerOutput:
+        """text (b, n_t, d_t); text_valid (b, n_t) bool; text_mask (b, n_t) float: m_t^{l-1}; visual: the visual
+        tokens of the examples with an image, or None (inference, or no image in the batch)."""
+        config = self.config
+        if hasattr(self, "text_sampler"):
+            text_mask = self.text_sampler(text, text_valid, text_mask)  # Eq. (1)
+        visual_hat = generator.generate_visual(text, text_mask, queries)  # Eq. (2)-(3)
+        text_side_visual = generator.visual_to_text(visual_hat)
+        text_side_mask = visual_hat.new_ones(visual_hat.shape[:2], dtype=torch.bool)
+        out = BgaLayerOutput(text=text, text_mask=text_mask)
+
+        if visual is not None:
+            rows = visual.rows
+            visual_mask = visual.mask
+            if hasattr(self, "visual_sampler"):
+                visual_mask = self.visual_sampler(visual.states, visual.valid, visual_mask)  # Eq. (1), visual side
+            out.visual_mask, out.visual_valid = visual_mask, visual.valid
+            text_hat = generator.generate_text(visual.states, visual_mask, queries, text.shape[1])  # Eq. (4)
+            real_text, real_visual = text[rows], visual.states
+            if config.detach_generation_targets:
+                real_text, real_visual = real_text.detach(), real_visual.detach()
+            text_mask_v, reduction = text_mask[rows], config.generation_loss_reduction
+            out.reconstruction = token_kl(real_visual, visual_hat[rows], visual_mask, reduction) + token_kl(
+                real_text, text_hat, text_mask_v, reduction
+            )  # Eq. (5)
+            if config.use_cycle:  # Eq. (6)-(7): generate back from the generated content, mask-agnostic
+                text_cycle = generator.generate_text(
+                    visual_hat[rows], torch.ones_like(visual_mask), queries, text.shape[1]
+                )
+                visual_cycle = generator.generate_visual(text_hat, text_valid[rows].float(), queries)
+                out.cycle = token_kl(real_text, text_cycle, text_mask_v, reduction) + token_kl(
+                    real_visual, visual_cycle, visual_mask, reduction
+                )
+            if config.inference_visual == "real" and not self.training:  # paper Table 4: read the real features
+                text_side_visual = text_side_visual.index_copy(0, rows, generator.visual_to_text(visual.states))
+                text_side_mask = text_side_mask.index_copy(0, rows, visual.valid)
+            if hasattr(self, "visual_extractor"):
+                states = self.visual_extractor(
+                    visual.states, visual.valid, generator.text_to_visual(text_hat), text_valid[rows]
+                )
+                out.visual = VisualTokens(rows, states, visual.valid, visual_mask)
+        out.text = self.text_extractor(text, text_valid, text_side_visual, text_side_mask)  # Eq. (8)
+        return out
 
 
 class LinearChainCrf(CRF):
@@ -270,34 +492,28 @@ class LinearChainCrf(CRF):
         return (torch.stack(alphas, 1) + torch.stack(betas, 1) - log_partition[:, None, None]).exp()
 
 
-def kl_to_target(target: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(target) || softmax(generated)) over channels, per token: (b, n, d) x 2 -> (b, n), float32."""
-    return F.kl_div(
-        generated.float().log_softmax(-1), target.float().log_softmax(-1), log_target=True, reduction="none"
-    ).sum(-1)
-
-
-def masked_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` (b, n) over the tokens of `mask` (b, n), per row: (b,)."""
-    return (values * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-
-
 @dataclass
 class BgaMnerTokenClassifierOutput(ModelOutput):
     """Outputs of [`BgaMnerForTokenClassification`].
 
-    loss: CRF negative log-likelihood + alpha * generation_loss, Eq. (11), when labels are given.
+    loss: CRF negative log-likelihood + alpha * generation_loss, Eq. (11), + keep_ratio_weight * keep_ratio_loss,
+        when labels are given.
     crf_loss: the CRF's mean negative log-likelihood per sentence.
-    reconstruction_loss, cycle_loss: (1/N) sum_l L_recon^l and (1/N) sum_l L_cycle^l, Eq. (5), (7);
-        exactly 0 when no example of the batch has an image (or outside training).
+    reconstruction_loss, cycle_loss: (1/N) sum_l L_recon^l and (1/N) sum_l L_cycle^l, Eq. (5), (7), averaged over
+        the examples with an image; exactly 0 when none has one (and whenever the visual branch does not run).
     generation_loss: reconstruction_loss + cycle_loss.
+    keep_ratio_loss: DynamicViT's keep-ratio loss, mean over layers and examples of (kept share - target)^2.
     logits: the CRF's emission scores (b, n_t, C).
     predictions: Viterbi label ids (b, n_t), -100 where no label is predicted (sub-words after the first
         of a word, special tokens, padding).
     marginals: with `output_marginals=True`, the CRF's posterior probability of each label (b, n_t, C) at
         the predicted positions (0 elsewhere): the pipeline's scores.
-    text_sampler_masks, visual_sampler_masks: per BGA layer, the samplers' masks (b, n_t) / (b, n_v)
-        (with `output_sampler_masks=True`; visual ones only where the visual branch ran).
+    text_keep_ratio, visual_keep_ratio (N,): per BGA layer, the share of the sampled tokens (valid tokens but the
+        always-kept first one) that the sampler kept, averaged over examples (visual: over those with an image;
+        NaN where no visual branch ran). 0 means a sampler keeps nothing but the always-kept token.
+    layer_reconstruction_loss, layer_cycle_loss (N,): L_recon^l and L_cycle^l per BGA layer (0 without images).
+    text_sampler_masks, visual_sampler_masks: per BGA layer, the samplers' masks (b, n_t) / (b_v, n_v)
+        (with `output_sampler_masks=True`; visual ones only for the examples whose visual branch ran).
     """
 
     loss: torch.Tensor | None = None
@@ -305,11 +521,22 @@ class BgaMnerTokenClassifierOutput(ModelOutput):
     reconstruction_loss: torch.Tensor | None = None
     cycle_loss: torch.Tensor | None = None
     generation_loss: torch.Tensor | None = None
+    keep_ratio_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     predictions: torch.Tensor | None = None
     marginals: torch.Tensor | None = None
+    text_keep_ratio: torch.Tensor | None = None
+    visual_keep_ratio: torch.Tensor | None = None
+    layer_reconstruction_loss: torch.Tensor | None = None
+    layer_cycle_loss: torch.Tensor | None = None
     text_sampler_masks: tuple[torch.Tensor, ...] | None = None
     visual_sampler_masks: tuple[torch.Tensor, ...] | None = None
+
+
+def kept_share(mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per example, the share of the sampled tokens (valid but position 0) that `mask` keeps: (b, n) x 2 -> (b,)."""
+    candidates = sampled_positions(valid).to(mask.dtype)
+    return (mask * candidates).sum(1) / candidates.sum(1).clamp(min=1.0)
 
 
 class BgaMnerPreTrainedModel(PreTrainedModel):
@@ -335,57 +562,31 @@ class BgaMnerPreTrainedModel(PreTrainedModel):
 
 
 class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
-    """BGA-MNER: a BERT text branch and a CLIP-ViT visual branch joined by N BGA layers, and a CRF.
+    """BGA-MNER (Fig. 2): embeddings, layer 0 of each tower, N BGA layers, and a CRF.
 
-    Layer 0 of each branch is the plain pretrained layer; BGA layer l (1..N) holds a textual and a
-    visual sampler and the pretrained text / ViT layer l as feature extractors (but the last BGA layer,
-    whose visual output nothing reads, has no visual extractor); the two generators are shared by all
-    BGA layers. With `use_generation=False` only the BERT + linear + CRF part exists.
+    Layer 0 of each branch is the plain pretrained layer (BERT / ViT layer 0); BGA layer l (1..N) holds the
+    samplers and the pretrained text / ViT layer l as feature extractors; the Multi-level Cross-modal Generator
+    is shared by all BGA layers. With `use_generation=False` only BERT + linear + CRF exists.
     """
 
     def __init__(self, config: BgaMnerConfig):
         super().__init__(config)
         text_cfg, vision_cfg = config.text_config, config.vision_config
-        depth = config.num_bga_layers + 1
+        n = config.num_bga_layers
 
         self.text_embeddings = BertEmbeddings(text_cfg)
-        self.text_extractors = nn.ModuleList(TextualFeatureExtractor(text_cfg) for _ in range(depth))
+        self.text_first_layer = TextualFeatureExtractor(text_cfg)
+        if config.use_generation and not config.text_only:  # what runs only with images, in training
+            self.vision_embeddings = CLIPVisionEmbeddings(vision_cfg)
+            self.vision_pre_layernorm = nn.LayerNorm(vision_cfg.hidden_size, eps=vision_cfg.layer_norm_eps)
+            self.vision_first_layer = VisualFeatureExtractor(vision_cfg)
+        if config.use_generation:
+            self.generator = MultiLevelCrossModalGenerator(config)
+        # ViT layers 1..N-1: the last BGA layer's visual extractor would feed nothing.
+        self.bga_layers = nn.ModuleList(BgaLayer(config, visual_extractor=i < n - 1) for i in range(n))
         self.dropout = nn.Dropout(text_cfg.hidden_dropout_prob)
         self.classifier = nn.Linear(text_cfg.hidden_size, config.num_labels)
         self.crf = LinearChainCrf(config.num_labels, batch_first=True)
-
-        if config.use_generation:
-            # What runs on text: text samplers and the text2image generator (G_t2v, queries Q_v).
-            if config.use_sampler:
-                self.text_samplers = nn.ModuleList(
-                    StageRefinedContextSampler(text_cfg.hidden_size, config) for _ in range(config.num_bga_layers)
-                )
-            # A common width is needed only when the towers differ (choice): linear maps between them.
-            same_width = text_cfg.hidden_size == vision_cfg.hidden_size
-            self.text_to_visual = (
-                nn.Identity() if same_width else nn.Linear(text_cfg.hidden_size, vision_cfg.hidden_size)
-            )
-            self.visual_to_text = (
-                nn.Identity() if same_width else nn.Linear(vision_cfg.hidden_size, text_cfg.hidden_size)
-            )
-            self.text_to_image_generator = CrossModalGenerator(
-                vision_cfg.hidden_size, config.num_visual_tokens, vision_cfg.num_attention_heads, config
-            )
-        if config.use_generation and not config.text_only:
-            # What runs only with images, in training: the visual branch and G_v2t (queries Q_t).
-            self.vision_embeddings = CLIPVisionEmbeddings(vision_cfg)
-            self.vision_pre_layernorm = nn.LayerNorm(vision_cfg.hidden_size, eps=vision_cfg.layer_norm_eps)
-            # ViT layers 0..N-1: the last BGA layer's visual extractor would feed nothing.
-            self.vision_extractors = nn.ModuleList(
-                VisualFeatureExtractor(vision_cfg) for _ in range(config.num_bga_layers)
-            )
-            if config.use_sampler:
-                self.visual_samplers = nn.ModuleList(
-                    StageRefinedContextSampler(vision_cfg.hidden_size, config) for _ in range(config.num_bga_layers)
-                )
-            self.image_to_text_generator = CrossModalGenerator(
-                text_cfg.hidden_size, config.max_text_length, text_cfg.num_attention_heads, config
-            )
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------
@@ -410,41 +611,41 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
         )
         model = cls(config)
         model.text_embeddings.load_state_dict(text_model.embeddings.state_dict())
-        for i, extractor in enumerate(model.text_extractors):
-            extractor.load_state_dict(text_model.encoder.layer[i].state_dict())
+        model.text_first_layer.load_state_dict(text_model.encoder.layer[0].state_dict())
+        for index, layer in enumerate(model.bga_layers, start=1):
+            layer.text_extractor.load_state_dict(text_model.encoder.layer[index].state_dict())
         if config.use_generation:
-            model.vision_embeddings.load_state_dict(vision_model.embeddings.state_dict())
-            model.vision_pre_layernorm.load_state_dict(vision_model.pre_layrnorm.state_dict())
-            for i, extractor in enumerate(model.vision_extractors):
-                extractor.load_state_dict(vision_model.encoder.layers[i].state_dict())
+            vit = vision_model.vision_model if hasattr(vision_model, "vision_model") else vision_model
+            model.vision_embeddings.load_state_dict(vit.embeddings.state_dict())
+            model.vision_pre_layernorm.load_state_dict(vit.pre_layrnorm.state_dict())
+            model.vision_first_layer.load_state_dict(vit.encoder.layers[0].state_dict())
+            for index, layer in enumerate(model.bga_layers[:-1], start=1):
+                layer.visual_extractor.load_state_dict(vit.encoder.layers[index].state_dict())
         return model
 
     def parameter_report(self) -> dict[str, int]:
         """Parameter counts by part. `inference` is what runs on text alone (the paper's 130.3M for
         BERT-base: text branch, text samplers, G_t2v, classifier and CRF)."""
-
-        def count(*names: str) -> int:
-            modules = [getattr(self, name) for name in names if hasattr(self, name)]
-            return sum(p.numel() for module in modules for p in module.parameters())
-
-        report = {
-            "text_branch": count("text_embeddings", "text_extractors"),
-            "vision_branch": count("vision_embeddings", "vision_pre_layernorm", "vision_extractors"),
-            "text_sampler": count("text_samplers"),
-            "visual_sampler": count("visual_samplers"),
-            "text_to_image_generator": count("text_to_image_generator"),
-            "image_to_text_generator": count("image_to_text_generator"),
-            "modality_projections": count("text_to_visual", "visual_to_text"),
-            "classifier_and_crf": count("classifier", "crf"),
-            "total": sum(p.numel() for p in self.parameters()),
+        parts = {
+            "text_branch": ("text_embeddings.", "text_first_layer.", ".text_extractor."),
+            "vision_branch": (
+                "vision_embeddings.",
+                "vision_pre_layernorm.",
+                "vision_first_layer.",
+                ".visual_extractor.",
+            ),
+            "text_sampler": (".text_sampler.",),
+            "visual_sampler": (".visual_sampler.",),
+            "text_to_image_generator": ("generator.text_to_image.",),
+            "image_to_text_generator": ("generator.image_to_text.",),
+            "modality_projections": ("generator.text_to_visual.", "generator.visual_to_text."),
+            "classifier_and_crf": ("classifier.", "crf."),
         }
-        report["inference"] = (
-            report["text_branch"]
-            + report["text_sampler"]
-            + report["text_to_image_generator"]
-            + report["modality_projections"]
-            + report["classifier_and_crf"]
-        )
+        names = [(f".{name}", p.numel()) for name, p in self.named_parameters()]
+        report = {part: sum(n for name, n in names if any(k in name for k in keys)) for part, keys in parts.items()}
+        report["total"] = sum(n for _, n in names)
+        inference = ("text_branch", "text_sampler", "text_to_image_generator", "modality_projections")
+        report["inference"] = sum(report[part] for part in inference) + report["classifier_and_crf"]
         return report
 
     def to_text_only(self) -> BgaMnerForTokenClassification:
@@ -493,96 +694,100 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         text_valid = attention_mask.bool()
         text = self.text_embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        text = self.text_extractors[0](text, text_valid)
+        text = self.text_first_layer(text, text_valid)  # layer 0
+        visual = self._visual_tokens(pixel_values, pixel_mask)  # ViT layer 0, for the examples with an image
 
-        image_rows = None  # indices of the examples whose visual branch runs
-        if config.text_only and pixel_values is not None and self.training:
-            raise ValueError("A text_only model cannot train with images; train the full model.")
-        visual_branch = config.use_generation and not config.text_only
-        if visual_branch and pixel_values is not None and (self.training or config.inference_visual == "real"):
-            if pixel_mask is None:
-                pixel_mask = torch.ones(pixel_values.shape[:2], dtype=torch.bool, device=pixel_values.device)
-            image_rows = pixel_mask[:, 0].nonzero().squeeze(1)
-            if image_rows.numel() == 0:
-                image_rows = None
-        if image_rows is not None:
-            visual, visual_valid = self._embed_images(pixel_values[image_rows], pixel_mask[image_rows])
-
-        zero = text.new_zeros((), dtype=torch.float32)
-        reconstruction, cycle = zero, zero
-        text_masks, visual_masks = [], []
+        layers = []
         if config.use_generation:
-            text_mask = text_valid.float()  # m_t^0: all ones (over real tokens)
-            visual_mask = visual_valid.float() if image_rows is not None else None
-            all_visual = text.new_ones((text.shape[0], config.num_visual_tokens), dtype=torch.bool)
-            visual_queries = self.text_to_image_generator.initial_states()  # once for all layers and examples
-            if image_rows is not None:
-                text_queries = self.image_to_text_generator.initial_states(text.shape[1])
-            for layer in range(config.num_bga_layers):
-                if config.use_sampler:
-                    text_mask = self.text_samplers[layer](text, text_mask)
-                    if image_rows is not None:
-                        visual_mask = self.visual_samplers[layer](visual, visual_mask)
-                text_masks.append(text_mask)
-                visual_hat = self.text_to_image_generator(
-                    self.text_to_visual(text), text_mask, visual_queries
-                )  # Eq. (2)
-                text_side_visual, text_side_mask = self.visual_to_text(visual_hat), all_visual
-
-                if image_rows is not None:
-                    visual_masks.append(visual_mask)
-                    text_i, text_mask_i, text_valid_i = text[image_rows], text_mask[image_rows], text_valid[image_rows]
-                    text_hat = self.image_to_text_generator(
-                        self.visual_to_text(visual), visual_mask, text_queries
-                    )  # Eq. (4)
-                    target_text, target_visual = text_i, visual
-                    if config.detach_generation_targets:
-                        target_text, target_visual = text_i.detach(), visual.detach()
-                    # Eq. (5): KL between real and generated features on the sampled tokens.
-                    reconstruction = (
-                        reconstruction
-                        + (
-                            masked_token_mean(kl_to_target(target_visual, visual_hat[image_rows]), visual_mask)
-                            + masked_token_mean(kl_to_target(target_text, text_hat), text_mask_i)
-                        ).mean()
-                    )
-                    if config.use_cycle:  # Eq. (6)-(7): generate back from the generated, mask-agnostic
-                        text_cycle = self.image_to_text_generator(
-                            self.visual_to_text(visual_hat[image_rows]), all_visual[image_rows], text_queries
-                        )
-                        visual_cycle = self.text_to_image_generator(
-                            self.text_to_visual(text_hat), text_valid_i, visual_queries
-                        )
-                        cycle = (
-                            cycle
-                            + (
-                                masked_token_mean(kl_to_target(target_text, text_cycle), text_mask_i)
-                                + masked_token_mean(kl_to_target(target_visual, visual_cycle), visual_mask)
-                            ).mean()
-                        )
-                    if config.inference_visual == "real" and not self.training:  # paper Table 4
-                        text_side_visual = text_side_visual.index_copy(0, image_rows, self.visual_to_text(visual))
-                        text_side_mask = text_side_mask.index_copy(0, image_rows, visual_valid)
-                    if layer + 1 < config.num_bga_layers:
-                        visual = self.vision_extractors[layer + 1](
-                            visual, visual_valid, self.text_to_visual(text_hat), text_valid_i
-                        )
-                text = self.text_extractors[layer + 1](text, text_valid, text_side_visual, text_side_mask)  # Eq. (8)
-
-            reconstruction = reconstruction / config.num_bga_layers
-            cycle = cycle / config.num_bga_layers
+            queries = self.generator.query_states(with_text=visual is not None)  # once for all layers and examples
+            text_mask = text_valid.float()  # m_t^0: all ones over the real tokens
+            for bga_layer in self.bga_layers:  # BGA layers 1..N
+                layers.append(bga_layer(text, text_valid, text_mask, visual, self.generator, queries))
+                text, text_mask, visual = layers[-1].text, layers[-1].text_mask, layers[-1].visual
         else:  # "w/o SCS & w/o MCG": plain BERT layers
-            for extractor in self.text_extractors[1:]:
-                text = extractor(text, text_valid)
+            for bga_layer in self.bga_layers:
+                text = bga_layer.text_extractor(text, text_valid)
 
         logits = self.classifier(self.dropout(text))
+        predictions, marginals, crf_loss = self._crf(logits, text_valid, labels, prediction_mask, output_marginals)
+        generation = self._generation_outputs(layers, text_valid, output_sampler_masks) if layers else {}
+        loss = None
+        if labels is not None:
+            loss = crf_loss
+            if generation:  # Eq. (11), and DynamicViT's keep-ratio loss
+                loss = loss + config.alpha * generation["generation_loss"]
+                loss = loss + config.keep_ratio_weight * generation["keep_ratio_loss"]
+        return BgaMnerTokenClassifierOutput(
+            loss=loss, crf_loss=crf_loss, logits=logits, predictions=predictions, marginals=marginals, **generation
+        )
+
+    def _visual_tokens(self, pixel_values: torch.Tensor | None, pixel_mask: torch.Tensor | None) -> VisualTokens | None:
+        """The visual sequence after ViT layer 0 for the examples with a global image, or None when the visual
+        branch does not run (no images, inference in "generated" mode, a text-only model). All image slots form
+        one sequence (choice): the crops' tokens attend to the global image's from layer 0 on; missing slots are
+        masked, never fed as content."""
+        config = self.config
+        if config.text_only and pixel_values is not None and self.training:
+            raise ValueError("A text_only model cannot train with images; train the full model.")
+        runs = config.use_generation and not config.text_only and pixel_values is not None
+        if not runs or not (self.training or config.inference_visual == "real"):
+            return None
+        if pixel_mask is None:
+            pixel_mask = torch.ones(pixel_values.shape[:2], dtype=torch.bool, device=pixel_values.device)
+        pixel_mask = pixel_mask.bool()
+        rows = pixel_mask[:, 0].nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return None
+        pixel_values, pixel_mask = pixel_values[rows], pixel_mask[rows]
+        b, slots = pixel_mask.shape
+        embeddings = self.vision_embeddings(pixel_values.flatten(0, 1))  # (b_v * slots, tokens, d_v)
+        states = self.vision_pre_layernorm(embeddings).reshape(b, -1, embeddings.shape[-1])
+        valid = pixel_mask.repeat_interleave(config.tokens_per_image, dim=1)
+        return VisualTokens(rows, self.vision_first_layer(states, valid), valid, valid.float())
+
+    def _generation_outputs(self, layers: list[BgaLayerOutput], text_valid: torch.Tensor, masks: bool) -> dict:
+        """The generation losses (Eq. 11's second term), the keep-ratio loss and the per-layer statistics, as
+        fields of [`BgaMnerTokenClassifierOutput`]."""
+        config = self.config
+        zero = text_valid.new_zeros((), dtype=torch.float32)
+        reconstruction = torch.stack([zero if x.reconstruction is None else x.reconstruction.mean() for x in layers])
+        cycle = torch.stack([zero if x.cycle is None else x.cycle.mean() for x in layers])
+        text_shares = torch.stack([kept_share(x.text_mask, text_valid) for x in layers])  # (N, b)
+        visual_masks = [(x.visual_mask, x.visual_valid) for x in layers if x.visual_mask is not None]
+        visual_shares = [kept_share(mask, valid) for mask, valid in visual_masks]  # N x (b_v,)
+        shares = torch.cat([text_shares.flatten(), *visual_shares])
+        no_visual = torch.full((len(layers),), float("nan"), device=text_valid.device)
+        return {
+            "reconstruction_loss": reconstruction.mean(),
+            "cycle_loss": cycle.mean(),
+            "generation_loss": reconstruction.mean() + cycle.mean(),
+            "keep_ratio_loss": shares.sub(config.keep_ratio_target).square().mean() if config.use_sampler else zero,
+            "text_keep_ratio": text_shares.mean(1).detach(),
+            "visual_keep_ratio": torch.stack(visual_shares).mean(1).detach() if visual_shares else no_visual,
+            "layer_reconstruction_loss": reconstruction.detach(),
+            "layer_cycle_loss": cycle.detach(),
+            "text_sampler_masks": tuple(x.text_mask for x in layers) if masks else None,
+            "visual_sampler_masks": tuple(mask for mask, _ in visual_masks) if masks and visual_masks else None,
+        }
+
+    def _crf(
+        self,
+        logits: torch.Tensor,
+        text_valid: torch.Tensor,
+        labels: torch.Tensor | None,
+        prediction_mask: torch.Tensor | None,
+        output_marginals: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The CRF over the labelled positions (one per word), Sec. 3.6: Viterbi predictions (b, n_t), marginals
+        (b, n_t, C) or None, and the mean negative log-likelihood per sentence, Eq. (10), or None."""
         if prediction_mask is None:
             prediction_mask = labels != -100 if labels is not None else _default_prediction_mask(text_valid)
         prediction_mask = prediction_mask.bool() & text_valid
         order, compact_mask = _compaction(prediction_mask)
         compact_logits = logits.float().gather(1, order.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         compact_tags = self.crf.viterbi_tags(compact_logits, compact_mask)
-        predictions = torch.full_like(input_ids, -100).scatter(1, order, torch.where(compact_mask, compact_tags, -100))
+        predictions = torch.full(text_valid.shape, -100, dtype=torch.long, device=logits.device)
+        predictions = predictions.scatter(1, order, torch.where(compact_mask, compact_tags, -100))
         # Rows with no word keep a dummy first position for pytorch-crf; their labels are dropped below.
         has_words = prediction_mask.any(1)
         predictions = torch.where(has_words.unsqueeze(1), predictions, -100)
@@ -592,39 +797,12 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
             marginals = torch.zeros_like(logits, dtype=compact.dtype)
             marginals = marginals.scatter(1, order.unsqueeze(-1).expand_as(compact), compact)
             marginals = marginals * (predictions >= 0).unsqueeze(-1)
-
-        loss = crf_loss = generation = None
+        crf_loss = None
         if labels is not None:
             compact_labels = labels.gather(1, order).clamp(min=0)
             log_likelihood = self.crf(compact_logits, compact_labels, compact_mask, reduction="none")
             crf_loss = -torch.where(has_words, log_likelihood, 0.0).sum() / has_words.sum().clamp(min=1)
-            generation = reconstruction + cycle
-            loss = crf_loss + config.alpha * generation
-        elif config.use_generation:
-            generation = reconstruction + cycle
-
-        return BgaMnerTokenClassifierOutput(
-            loss=loss,
-            crf_loss=crf_loss,
-            reconstruction_loss=reconstruction if config.use_generation else None,
-            cycle_loss=cycle if config.use_generation else None,
-            generation_loss=generation,
-            logits=logits,
-            predictions=predictions,
-            marginals=marginals,
-            text_sampler_masks=tuple(text_masks) if output_sampler_masks else None,
-            visual_sampler_masks=tuple(visual_masks) if output_sampler_masks else None,
-        )
-
-    def _embed_images(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pixel_values (b, slots, 3, H, W), pixel_mask (b, slots) bool -> the visual sequence after ViT layer 0
-        (b, n_v, d_v) and its validity (b, n_v) bool. All image slots form one sequence (choice): the crops'
-        tokens attend to the global image's from layer 0 on; missing slots are masked, never fed as content."""
-        b, slots = pixel_mask.shape
-        embeddings = self.vision_embeddings(pixel_values.flatten(0, 1))  # (b * slots, tokens, d_v)
-        visual = self.vision_pre_layernorm(embeddings).reshape(b, -1, embeddings.shape[-1])
-        valid = pixel_mask.repeat_interleave(self.config.tokens_per_image, dim=1)
-        return self.vision_extractors[0](visual, valid), valid
+        return predictions, marginals, crf_loss
 
 
 def _default_prediction_mask(text_valid: torch.Tensor) -> torch.Tensor:

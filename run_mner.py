@@ -39,6 +39,15 @@ from processing_bga_mner import BgaMnerDataCollator, BgaMnerProcessor
 from twitter_mner import load_mner_dataset
 
 logger = logging.getLogger("run_mner")
+# The per-BGA-layer statistics of the mechanism that training logs (fields of the model's output, shape (N,)).
+MECHANISM_STATISTICS = ("text_keep_ratio", "visual_keep_ratio", "layer_reconstruction_loss", "layer_cycle_loss")
+SAMPLER_CHOICES = (
+    "cumulative_sampler_masks",
+    "keep_ratio_weight",
+    "keep_ratio_target",
+    "sampler_inference_rule",
+    "generation_loss_reduction",
+)
 MODEL_INPUTS = (
     "input_ids",
     "attention_mask",
@@ -63,6 +72,12 @@ class ModelArguments:
     use_generation: bool = field(default=True, metadata={"help": "False: 'w/o SCS & MCG', i.e. BERT-CRF."})
     inference_visual: str = field(default="generated", metadata={"help": "'generated' (paper) or 'real' (Table 4)."})
     num_object_crops: int = field(default=3, metadata={"help": "Object crops per image besides the image."})
+    # Sampler choices; None keeps BgaMnerConfig's default (see its docstring and the README's table of choices).
+    cumulative_sampler_masks: bool | None = field(default=None, metadata={"help": "Masks cumulative over layers."})
+    keep_ratio_weight: float | None = field(default=None, metadata={"help": "Weight of the keep-ratio loss."})
+    keep_ratio_target: float | None = field(default=None, metadata={"help": "Target kept share of each sampler."})
+    sampler_inference_rule: str | None = field(default=None, metadata={"help": "'expected_count' or 'threshold'."})
+    generation_loss_reduction: str | None = field(default=None, metadata={"help": "KL over tokens: 'sum' or 'mean'."})
 
 
 @dataclass
@@ -179,6 +194,9 @@ def load_model_and_processor(model_args: ModelArguments, data_args: DataArgument
         "use_generation": model_args.use_generation,
         "inference_visual": model_args.inference_visual,
     }
+    for name in SAMPLER_CHOICES:
+        if getattr(model_args, name) is not None:
+            overrides[name] = getattr(model_args, name)
     try:
         if model_args.model_name_or_path:
             model = BgaMnerForTokenClassification.from_pretrained(model_args.model_name_or_path, **overrides)
@@ -441,7 +459,8 @@ def main(argv: list[str] | None = None) -> dict:
         progress = tqdm(
             total=total_steps, initial=completed_steps, desc="training", disable=not accelerator.is_local_main_process
         )
-        running = {"loss": 0.0, "crf": 0.0, "reconstruction": 0.0, "cycle": 0.0}
+        running = {"loss": 0.0, "crf": 0.0, "reconstruction": 0.0, "cycle": 0.0, "keep_ratio": 0.0}
+        mechanism = MechanismLog()
         model.train()
         for epoch in range(start_epoch, args.num_train_epochs):
             train_loader.set_epoch(epoch)
@@ -463,16 +482,20 @@ def main(argv: list[str] | None = None) -> dict:
                     ("crf", outputs.crf_loss),
                     ("reconstruction", outputs.reconstruction_loss),
                     ("cycle", outputs.cycle_loss),
+                    ("keep_ratio", outputs.keep_ratio_loss),
                 ):
                     running[key] += 0.0 if value is None else value.item() / args.gradient_accumulation_steps
+                mechanism.add(outputs)
                 if not accelerator.sync_gradients:
                     continue
                 completed_steps += 1
                 progress.update(1)
                 if completed_steps % args.logging_steps == 0:
                     averages = {k: v / args.logging_steps for k, v in running.items()}
-                    progress.set_postfix({k: f"{v:.4f}" for k, v in averages.items()})
-                    accelerator.log({f"train/{k}": v for k, v in averages.items()}, step=completed_steps)
+                    layers = mechanism.close_window()
+                    postfix = {k: f"{v:.4f}" for k, v in averages.items()}
+                    progress.set_postfix({**postfix, **mechanism.summary()})
+                    accelerator.log({f"train/{k}": v for k, v in {**averages, **layers}.items()}, step=completed_steps)
                     running = dict.fromkeys(running, 0.0)
                 epoch_end = completed_steps % steps_per_epoch == 0
                 evaluate_and_checkpoint(epoch_end)
@@ -485,6 +508,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.do_eval:  # nothing chose a best model: keep the last one
             save_best(accelerator, model, processor, best_dir, {"f1": None, "step": completed_steps})
         results["best_step"] = json.loads((best_dir / "best.json").read_text())["step"]
+        if mechanism.last:  # the samplers' keep ratios and the generation losses per BGA layer, last logging window
+            results["mechanism"] = mechanism.last
 
     # The output folder becomes the model repository: the best model, its processor and code.
     unwrapped = accelerator.unwrap_model(model)
@@ -524,6 +549,58 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+class MechanismLog:
+    """Averages the model's per-BGA-layer statistics (`MECHANISM_STATISTICS`) over a logging window, and warns
+    when a sampler keeps nothing but the always-kept first token ([CLS] / the image's class token)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.last: dict[str, list[float]] = {}
+
+    def add(self, outputs) -> None:
+        for name in MECHANISM_STATISTICS:
+            value = getattr(outputs, name, None)
+            if value is None:
+                continue
+            value = value.detach().float().cpu()
+            seen = ~value.isnan()  # the visual ratios are NaN for a batch without images
+            self.sums[name] = self.sums.get(name, 0) + torch.where(seen, value, 0.0)
+            self.counts[name] = self.counts.get(name, 0) + seen
+
+    def close_window(self) -> dict[str, float]:
+        """The window's averages as tracker values, `{"text_keep_ratio/layer_1": ...}`; starts a new window."""
+        averages = {name: (self.sums[name] / self.counts[name]).tolist() for name in self.sums}
+        self.sums, self.counts = {}, {}
+        if not averages:
+            return {}
+        self.last = {name: [None if math.isnan(v) else v for v in values] for name, values in averages.items()}
+        for side in ("text", "visual"):
+            for layer, ratio in enumerate(averages[f"{side}_keep_ratio"], start=1):
+                if ratio == 0.0:
+                    logger.warning(
+                        "BGA layer %d: the %s sampler keeps nothing but the always-kept first token (keep ratio 0): "
+                        "its generator reads one token. Consider a keep-ratio loss (keep_ratio_weight).",
+                        layer,
+                        side,
+                    )
+        return {
+            f"{name}/layer_{layer}": value
+            for name, values in averages.items()
+            for layer, value in enumerate(values, start=1)
+            if not math.isnan(value)
+        }
+
+    def summary(self) -> dict[str, str]:
+        """Keep ratios per layer for the progress bar, e.g. {"keep_t": "0.52/0.48", "keep_v": "0.50/0.47"}."""
+        if not self.last:
+            return {}
+        return {
+            f"keep_{side[0]}": "/".join("-" if r is None else f"{r:.2f}" for r in self.last[f"{side}_keep_ratio"])
+            for side in ("text", "visual")
+        }
 
 
 def save_best(accelerator: Accelerator, model, processor: BgaMnerProcessor, folder: Path, best: dict) -> None:

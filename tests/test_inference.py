@@ -111,13 +111,14 @@ def test_pipeline_batches_and_pre_split_words(saved_model):
 def test_inference_runs_no_vision_module_and_the_text_only_checkpoint_predicts_the_same(saved_model, tmp_path):
     folder, model, processor = saved_model
     calls = []
-    for module in (model.vision_embeddings, *model.vision_extractors, model.image_to_text_generator):
+    vision = [model.vision_embeddings, model.vision_first_layer, model.generator.image_to_text]
+    for module in vision + [layer.visual_extractor for layer in model.bga_layers[:-1]]:
         module.register_forward_hook(lambda *_: calls.append(1))
     text_only = model.to_text_only()
     text_only.save_pretrained(tmp_path / "text-only")
     processor.save_pretrained(tmp_path / "text-only")
     weights = load_file(tmp_path / "text-only" / "model.safetensors")
-    assert not any(key.startswith(("vision_", "visual_samplers", "image_to_text")) for key in weights)
+    assert not any(("vision_" in key or "visual_" in key or "image_to_text" in key) for key in weights)
     loaded = AutoModelForTokenClassification.from_pretrained(tmp_path / "text-only", trust_remote_code=True).eval()
     assert (
         loaded.config.text_only and sum(p.numel() for p in loaded.parameters()) == model.parameter_report()["inference"]
@@ -158,7 +159,7 @@ def test_prediction_command_reads_text_jsonl_and_conll(saved_model, tmp_path):
     for record, text in zip(records, TWEETS[:3], strict=True):
         expected = model_entities(model, processor, text)
         assert [{**e, "score": None} for e in record["entities"]] == [{**e, "score": None} for e in expected]
-        assert [e["score"] for e in record["entities"]] == pytest.approx([e["score"] for e in expected])
+        assert [e["score"] for e in record["entities"]] == pytest.approx([e["score"] for e in expected], rel=1e-5)
         assert len(record["tags"]) == len(split_words(text)[0])
     second = json.loads((tmp_path / "b.jsonl").read_text().splitlines()[1])
     assert second["text"] == "Obama visits Paris" and len(second["tags"]) == 3

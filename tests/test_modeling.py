@@ -11,7 +11,11 @@ from torchcrf import CRF
 from transformers import AutoModelForTokenClassification, BertModel, CLIPConfig, CLIPModel, CLIPVisionModel
 
 from configuration_bga_mner import BgaMnerConfig
-from modeling_bga_mner import BgaMnerForTokenClassification, CrossModalGenerator, LinearChainCrf
+from modeling_bga_mner import (
+    BgaMnerForTokenClassification,
+    LinearChainCrf,
+    StageRefinedContextSampler,
+)
 
 
 def text_only(batch: dict) -> dict:
@@ -19,12 +23,14 @@ def text_only(batch: dict) -> dict:
 
 
 def vision_modules(model: BgaMnerForTokenClassification) -> list[torch.nn.Module]:
+    layers = model.bga_layers
     return [
         model.vision_embeddings,
         model.vision_pre_layernorm,
-        *model.vision_extractors,
-        *model.visual_samplers,
-        model.image_to_text_generator,
+        model.vision_first_layer,
+        *(layer.visual_extractor for layer in layers[:-1]),
+        *(layer.visual_sampler for layer in layers),
+        model.generator.image_to_text,
     ]
 
 
@@ -56,17 +62,21 @@ def test_training_step_with_mixed_images_reaches_every_part_of_the_model():
     batch = random_batch(model.config, images=[True, False, True])
     out = model(**batch)
     assert torch.isfinite(out.loss) and out.reconstruction_loss > 0 and out.cycle_loss > 0
-    torch.testing.assert_close(out.loss, out.crf_loss + 0.001 * (out.reconstruction_loss + out.cycle_loss))
+    expected = out.crf_loss + 0.001 * (out.reconstruction_loss + out.cycle_loss) + 2.0 * out.keep_ratio_loss
+    torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
+    layers = model.bga_layers
     parts = {
-        "text_samplers": model.text_samplers,
-        "visual_samplers": model.visual_samplers,
-        "text_to_image_generator": model.text_to_image_generator,
-        "image_to_text_generator": model.image_to_text_generator,
+        "text_samplers": torch.nn.ModuleList(layer.text_sampler for layer in layers),
+        "visual_samplers": torch.nn.ModuleList(layer.visual_sampler for layer in layers),
+        "text_to_image_generator": model.generator.text_to_image,
+        "image_to_text_generator": model.generator.image_to_text,
         "text_embeddings": model.text_embeddings,
-        "text_extractors": model.text_extractors,
+        "text_extractors": torch.nn.ModuleList([model.text_first_layer, *(layer.text_extractor for layer in layers)]),
         "vision_embeddings": model.vision_embeddings,
-        "vision_extractors": model.vision_extractors,
+        "vision_extractors": torch.nn.ModuleList(
+            [model.vision_first_layer, *(layer.visual_extractor for layer in layers[:-1])]
+        ),
         "crf": model.crf,
     }
     for name, part in parts.items():
@@ -99,7 +109,7 @@ def test_no_nan_when_the_samplers_would_drop_every_token(dtype):
     torch.manual_seed(0)
     model = BgaMnerForTokenClassification(tiny_config()).train()
     with torch.no_grad():
-        for sampler in [*model.text_samplers, *model.visual_samplers]:
+        for sampler in [m for m in model.modules() if isinstance(m, StageRefinedContextSampler)]:
             sampler.decision_mlp[-1].bias.copy_(torch.tensor([50.0, -50.0]))  # always "drop"
     batch = random_batch(model.config, images=[True, False, True])
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -118,10 +128,12 @@ def test_without_generation_the_model_is_bert_linear_crf():
     torch.manual_seed(0)
     config = tiny_config(use_generation=False)
     model = BgaMnerForTokenClassification(config).eval()
-    assert not hasattr(model, "vision_embeddings") and not hasattr(model, "text_samplers")
+    assert not hasattr(model, "vision_embeddings") and not hasattr(model, "generator")
+    assert not any(isinstance(m, StageRefinedContextSampler) for m in model.modules())
     bert = BertModel(config.text_config, add_pooling_layer=False).eval()
     bert.embeddings.load_state_dict(model.text_embeddings.state_dict())
-    for bert_layer, extractor in zip(bert.encoder.layer, model.text_extractors, strict=True):
+    extractors = [model.text_first_layer, *(layer.text_extractor for layer in model.bga_layers)]
+    for bert_layer, extractor in zip(bert.encoder.layer, extractors, strict=True):
         bert_layer.load_state_dict(extractor.state_dict())
     crf = CRF(config.num_labels, batch_first=True)
     crf.load_state_dict(model.crf.state_dict())
@@ -214,11 +226,12 @@ def test_from_text_vision_pretrained_puts_every_branch_weight_in_place(tmp_path,
             assert torch.equal(tensor, theirs_state[name]), name
 
     same(model.text_embeddings, bert.embeddings)
-    for i, extractor in enumerate(model.text_extractors):
+    for i, extractor in enumerate([model.text_first_layer, *(layer.text_extractor for layer in model.bga_layers)]):
         same(extractor, bert.encoder.layer[i])
     same(model.vision_embeddings, vision.embeddings)
     same(model.vision_pre_layernorm, vision.pre_layrnorm)
-    for i, extractor in enumerate(model.vision_extractors):
+    visual_extractors = [model.vision_first_layer, *(layer.visual_extractor for layer in model.bga_layers[:-1])]
+    for i, extractor in enumerate(visual_extractors):
         same(extractor, vision.encoder.layers[i])
     assert model.config.num_bga_layers == 2 and model.config.num_object_crops == 1
 
@@ -243,41 +256,9 @@ def test_model_overfits_a_handful_of_sentences():
     assert torch.equal(predictions, batch["labels"])
 
 
-def test_eval_mode_is_deterministic_and_samplers_keep_by_threshold():
-    torch.manual_seed(0)
-    model = BgaMnerForTokenClassification(tiny_config()).eval()
-    batch = text_only(random_batch(model.config))
-    with torch.no_grad():
-        first = model(**batch, output_sampler_masks=True)
-        second = model(**batch, output_sampler_masks=True)
-    assert torch.equal(first.logits, second.logits)
-    for a, b in zip(first.text_sampler_masks, second.text_sampler_masks, strict=True):
-        assert torch.equal(a, b)
-    # A threshold above every keep probability keeps only [CLS].
-    for sampler in model.text_samplers:
-        sampler.keep_threshold = 1.0
-    with torch.no_grad():
-        strict_masks = model(**batch, output_sampler_masks=True).text_sampler_masks
-    assert all(mask.sum().item() == 3 for mask in strict_masks)
-
-
 def test_towers_of_different_widths_are_bridged_by_projections():
     torch.manual_seed(0)
     model = BgaMnerForTokenClassification(tiny_config(vision={"hidden_size": 24, "num_attention_heads": 4})).train()
     out = model(**random_batch(model.config))
     assert torch.isfinite(out.loss) and out.reconstruction_loss > 0
     assert model.parameter_report()["modality_projections"] == 2 * 32 * 24 + 32 + 24
-
-
-def test_generator_sharing_the_query_self_attention_equals_the_plain_decoder_layers():
-    torch.manual_seed(0)
-    generator = CrossModalGenerator(32, 10, 4, tiny_config(generator_num_layers=2)).eval()
-    torch.nn.init.normal_(generator.queries)
-    source, mask = torch.randn(3, 7, 32), torch.rand(3, 7) > 0.3
-    mask[:, 0] = True
-    with torch.no_grad():
-        expected = generator.queries.unsqueeze(0).expand(3, -1, -1)
-        for layer in generator.layers:
-            expected = layer(expected, source, memory_key_padding_mask=~mask)
-        shared = generator(source, mask.float(), generator.initial_states())
-    torch.testing.assert_close(shared, expected)

@@ -42,8 +42,15 @@ def smoke_run(tmp_path_factory) -> Path:
 
 def test_smoke_configuration_trains_and_leaves_a_loadable_model_repository(smoke_run):
     results = json.loads((smoke_run / "results.json").read_text())
-    assert set(results) == {"best_step", "validation", "test"}
+    assert set(results) == {"best_step", "validation", "test", "mechanism"}
     assert 0.0 <= results["test"]["overall"]["f1"] <= 1.0
+    # The mechanism at the end of training, per BGA layer (the smoke model has 2): no sampler has collapsed
+    # onto the always-kept token, and the generation losses were active (the smoke corpus has images).
+    mechanism = results["mechanism"]
+    assert set(mechanism) == {"text_keep_ratio", "visual_keep_ratio", "layer_reconstruction_loss", "layer_cycle_loss"}
+    assert all(len(values) == 2 for values in mechanism.values())
+    assert all(0.2 < r < 0.9 for r in mechanism["text_keep_ratio"] + mechanism["visual_keep_ratio"]), mechanism
+    assert all(loss > 0 for loss in mechanism["layer_reconstruction_loss"] + mechanism["layer_cycle_loss"])
     assert {"PER", "LOC", "ORG", "MISC"} <= set(results["test"])
 
     model = AutoModelForTokenClassification.from_pretrained(smoke_run, trust_remote_code=True).eval()
@@ -164,3 +171,31 @@ def test_bert_crf_ablation_needs_no_vision_model(tmp_path):
         "--output_dir", str(tmp_path / "bert-crf"))  # fmt: skip
     model = AutoModelForTokenClassification.from_pretrained(tmp_path / "bert-crf", trust_remote_code=True)
     assert not model.config.use_generation and not hasattr(model, "vision_embeddings")
+
+
+def test_the_mechanism_log_averages_per_layer_and_warns_when_a_sampler_keeps_only_the_first_token(caplog):
+    from types import SimpleNamespace
+
+    from run_mner import MechanismLog
+
+    log = MechanismLog()
+    nan = float("nan")
+    for text, visual in (([0.5, 0.0], [0.4, nan]), ([0.3, 0.0], [nan, nan])):  # the second batch has no image
+        log.add(
+            SimpleNamespace(
+                text_keep_ratio=torch.tensor(text),
+                visual_keep_ratio=torch.tensor(visual),
+                layer_reconstruction_loss=torch.tensor([2.0, 4.0]),
+                layer_cycle_loss=torch.tensor([1.0, 1.0]),
+            )
+        )
+    with caplog.at_level("WARNING", logger="run_mner"):
+        tracked = log.close_window()
+    assert tracked["text_keep_ratio/layer_1"] == pytest.approx(0.4) and tracked[
+        "visual_keep_ratio/layer_1"
+    ] == pytest.approx(0.4)
+    assert "visual_keep_ratio/layer_2" not in tracked  # never seen: not logged as NaN
+    assert log.last["visual_keep_ratio"] == [pytest.approx(0.4), None]  # JSON-safe in results.json
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "BGA layer 2: the text sampler keeps nothing but" in warnings[0]
+    assert log.summary() == {"keep_t": "0.40/0.00", "keep_v": "0.40/-"}
