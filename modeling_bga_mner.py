@@ -12,6 +12,7 @@ d_t / d_v = text / vision hidden sizes, C = number of labels.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -605,8 +606,8 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
         if vision_model is None and config_kwargs.get("use_generation", True):
             raise ValueError("A vision model is needed unless use_generation=False.")
         config = BgaMnerConfig(
-            text_config=text_model.config.to_dict(),
-            vision_config=vision_model.config.to_dict() if vision_model is not None else None,
+            text_config=_tower_config(text_model),
+            vision_config=_tower_config(vision_model) if vision_model is not None else None,
             **config_kwargs,
         )
         model = cls(config)
@@ -803,6 +804,16 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
             log_likelihood = self.crf(compact_logits, compact_labels, compact_mask, reduction="none")
             crf_loss = -torch.where(has_words, log_likelihood, 0.0).sum() / has_words.sum().clamp(min=1)
         return predictions, marginals, crf_loss
+
+
+def _tower_config(tower: PreTrainedModel) -> dict:
+    """A tower's config as a dict, without `_name_or_path` when that is a folder of this machine (a saved model
+    must not publish local paths; a Hub id is kept)."""
+    config = tower.config.to_dict()
+    name = config.get("_name_or_path", "")
+    if os.path.isabs(name) or os.path.exists(name):
+        config.pop("_name_or_path")
+    return config
 
 
 def _default_prediction_mask(text_valid: torch.Tensor) -> torch.Tensor:

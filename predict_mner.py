@@ -2,6 +2,7 @@
 
     python predict_mner.py --model outputs/bga-mner-twitter2015 --input tweets.txt --output entities.jsonl
     python predict_mner.py --model you/bga-mner --input test.txt --input_format conll --output pred.conll
+    python predict_mner.py --model outputs/bga-mner-twitter2015 --export_text_only bga-mner-text-only
 
 Inputs: a text file with one text per line (`text`; blank lines are skipped), JSON lines with a `text`
 string or a `tokens` list per line (`jsonl`), or a CoNLL file (`conll`: `token` or `token<TAB>label`
@@ -24,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForTokenClassification, AutoProcessor
 
+from model_card import export_text_only
 from processing_bga_mner import entities_from_tags, join_words, split_words
 from twitter_mner import CorpusFormatError, read_conll
 
@@ -128,13 +130,22 @@ def write_output(path: Path, output_format: str, examples: list[Example], tags, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="A trained BGA-MNER folder or Hub id.")
-    parser.add_argument("--input", required=True, type=Path)
-    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--input", type=Path, help="Required unless --export_text_only is given.")
+    parser.add_argument("--output", type=Path, help="Required with --input.")
+    parser.add_argument(
+        "--export_text_only", type=Path, metavar="DIR", help="Write the text-only inference checkpoint of --model."
+    )
     parser.add_argument("--input_format", choices=FORMATS, help="Default: from the file (see above).")
     parser.add_argument("--output_format", choices=("jsonl", "conll"), help="Default: from --output's ending.")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.export_text_only is not None:
+        print(f"Text-only inference checkpoint -> {export_text_only(args.model, args.export_text_only)}")
+        if args.input is None:
+            return
+    if args.input is None or args.output is None:
+        parser.error("--input and --output are required (unless only --export_text_only is given)")
     if not args.input.is_file():
         parser.error(f"{args.input}: no such file")
     output_format = args.output_format or ("conll" if args.output.suffix == ".conll" else "jsonl")

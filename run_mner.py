@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPImageProcessorPil, HfArgumentParser, get_linear_schedule_with_warmup
 
-from model_card import results_table, write_model_card
+from model_card import apply_umask, export_text_only, public_settings, results_table, write_model_card
 from modeling_bga_mner import BgaMnerForTokenClassification
 from processing_bga_mner import BgaMnerDataCollator, BgaMnerProcessor
 from twitter_mner import load_mner_dataset
@@ -72,6 +73,9 @@ class ModelArguments:
     use_generation: bool = field(default=True, metadata={"help": "False: 'w/o SCS & MCG', i.e. BERT-CRF."})
     inference_visual: str = field(default="generated", metadata={"help": "'generated' (paper) or 'real' (Table 4)."})
     num_object_crops: int = field(default=3, metadata={"help": "Object crops per image besides the image."})
+    num_bga_layers: int | None = field(
+        default=None, metadata={"help": "BGA layers N (text layers 0..N are used); default: all text layers but 0."}
+    )
     # Sampler choices; None keeps BgaMnerConfig's default (see its docstring and the README's table of choices).
     cumulative_sampler_masks: bool | None = field(default=None, metadata={"help": "Masks cumulative over layers."})
     keep_ratio_weight: float | None = field(default=None, metadata={"help": "Weight of the keep-ratio loss."})
@@ -115,6 +119,10 @@ class TrainingArguments:
     seed: int = 42
     eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (default: each epoch)."})
     checkpointing_steps: str = field(default="epoch", metadata={"help": "'epoch', a step count, or 'no'."})
+    save_total_limit: int | None = field(
+        default=2,
+        metadata={"help": "Keep the newest K step checkpoints (the best model is kept apart); 0 or less: keep all."},
+    )
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder or 'latest'."})
     max_steps_per_run: int | None = field(
         default=None, metadata={"help": "Stop after N optimizer steps of this run, checkpointed (time-boxed jobs)."}
@@ -124,6 +132,9 @@ class TrainingArguments:
     dataloader_num_workers: int = 0
     push_to_hub: bool = False
     hub_model_id: str | None = None
+    export_text_only: str | None = field(
+        default=None, metadata={"help": "Also write the text-only inference checkpoint of the result to this folder."}
+    )
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -214,6 +225,7 @@ def load_model_and_processor(model_args: ModelArguments, data_args: DataArgument
             id2label=dict(enumerate(label_names)),
             label2id={label: i for i, label in enumerate(label_names)},
             num_object_crops=model_args.num_object_crops,
+            num_bga_layers=model_args.num_bga_layers,
             max_text_length=data_args.max_length,
             **overrides,
         )
@@ -322,9 +334,10 @@ def write_conll(path: Path, split: datasets.Dataset, predicted: list[list[str]])
 # checkpoints
 
 
-def save_checkpoint(accelerator: Accelerator, folder: Path) -> None:
+def save_checkpoint(accelerator: Accelerator, folder: Path, keep: int | None = None) -> None:
     """Saves the full training state atomically: written under a temporary name, then renamed, so a
-    crash during the save never leaves a folder that looks complete."""
+    crash during the save never leaves a folder that looks complete. Then keeps only the newest `keep`
+    step checkpoints (all if None or < 1): the newest, which a resume needs, is never deleted."""
     temporary = folder.with_name(folder.name + ".tmp")
     if accelerator.is_main_process and temporary.exists():
         shutil.rmtree(temporary)
@@ -332,20 +345,40 @@ def save_checkpoint(accelerator: Accelerator, folder: Path) -> None:
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        apply_umask(temporary)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(temporary, folder)
+        if keep is not None and keep > 0:
+            for old in step_checkpoints(folder.parent)[:-keep]:
+                delete_checkpoint(old)
     accelerator.wait_for_everyone()
+
+
+def step_checkpoints(folder: Path) -> list[Path]:
+    """The complete `step_N` checkpoints in `folder`, oldest first; also finishes deletions a kill interrupted."""
+    for leftover in folder.glob("step_*.deleting"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    found = [p for p in folder.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def delete_checkpoint(folder: Path) -> None:
+    """Renamed first (atomic), then removed: a kill during the removal leaves `step_N.deleting`, which no resume
+    mistakes for a checkpoint and the next save removes."""
+    doomed = folder.with_name(folder.name + ".deleting")
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed)
 
 
 def find_checkpoint(output_dir: Path, name: str) -> Path:
     """'latest' -> the newest complete `step_N` checkpoint; otherwise the folder given."""
     if name != "latest":
         return Path(name)
-    folders = [p for p in (output_dir / "checkpoints").glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")]
+    folders = step_checkpoints(output_dir / "checkpoints")
     if not folders:
         raise SystemExit(f"--resume_from_checkpoint latest: no checkpoint in {output_dir / 'checkpoints'}.")
-    return max(folders, key=lambda p: int(p.name.split("_")[1]))
+    return folders[-1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -454,7 +487,9 @@ def main(argv: list[str] | None = None) -> dict:
                     save_best(accelerator, model, processor, best_dir, best)
             every = args.checkpointing_steps
             if (every == "epoch" and epoch_end) or (every.isdigit() and completed_steps % int(every) == 0):
-                save_checkpoint(accelerator, output_dir / "checkpoints" / f"step_{completed_steps}")
+                save_checkpoint(
+                    accelerator, output_dir / "checkpoints" / f"step_{completed_steps}", args.save_total_limit
+                )
 
         progress = tqdm(
             total=total_steps, initial=completed_steps, desc="training", disable=not accelerator.is_local_main_process
@@ -500,7 +535,9 @@ def main(argv: list[str] | None = None) -> dict:
                 epoch_end = completed_steps % steps_per_epoch == 0
                 evaluate_and_checkpoint(epoch_end)
                 if stop_at is not None and completed_steps >= stop_at:
-                    save_checkpoint(accelerator, output_dir / "checkpoints" / f"step_{completed_steps}")
+                    save_checkpoint(
+                        accelerator, output_dir / "checkpoints" / f"step_{completed_steps}", args.save_total_limit
+                    )
                     logger.info("Stopped after %d steps (--max_steps_per_run); resume with latest.", completed_steps)
                     accelerator.end_training()
                     return {"stopped_at_step": completed_steps}
@@ -528,16 +565,30 @@ def main(argv: list[str] | None = None) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         unwrapped.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
+        train_split = corpus["train"]
+        results["training_images"] = {  # what the training saw, for the card
+            "tweets": len(train_split),
+            "with_image": sum(image is not None for image in train_split["image"]),
+            "with_crops": sum(len(crops) > 0 for crops in train_split["crops"]),
+        }
         (output_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        (output_dir / "training_args.json").write_text(
+            json.dumps(public_settings(settings), indent=2), encoding="utf-8"
+        )
         scores = {split: results[split] for split in ("validation", "test") if split in results}
+        towers = [model_args.text_model] + ([model_args.vision_model] if model_args.use_generation else [])
         write_model_card(
             output_dir,
             scores,
             settings,
-            [model_args.text_model, model_args.vision_model] if not model_args.model_name_or_path else [],
+            towers if not model_args.model_name_or_path else [model_args.model_name_or_path],
             data_args.dataset_name,
-            model_id=args.hub_model_id or str(output_dir),
+            model_id=args.hub_model_id,
+            training_images=results["training_images"] if args.do_train else None,
         )
+        apply_umask(output_dir)
+        if args.export_text_only:
+            logger.info("Text-only inference checkpoint -> %s", export_text_only(output_dir, args.export_text_only))
         if scores:
             print(results_table(scores))
         if args.push_to_hub:
@@ -611,6 +662,7 @@ def save_best(accelerator: Accelerator, model, processor: BgaMnerProcessor, fold
         accelerator.unwrap_model(model).save_pretrained(temporary)
         processor.save_pretrained(temporary)
         (temporary / "best.json").write_text(json.dumps(best, indent=2), encoding="utf-8")
+        apply_umask(temporary)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(temporary, folder)
     accelerator.wait_for_everyone()
