@@ -14,6 +14,10 @@ from transformers import BertConfig, CLIPVisionConfig, PretrainedConfig
 # The one label list of the project: BIO over the four MNER types (Twitter2015's OTHER is read as MISC).
 MNER_LABELS: tuple[str, ...] = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC")
 
+# Images with more pixels than this (by their header) are treated as missing: a tiny file can claim 11000 x 11000
+# pixels and cost seconds and gigabytes to decode. The largest Twitter images are 4096 x 4096 (16.8M).
+MAX_IMAGE_PIXELS = 36_000_000
+
 CUSTOM_PIPELINE = {
     "impl": "pipeline_bga_mner.BgaMnerTokenClassificationPipeline",
     "pt": ["AutoModelForTokenClassification"],

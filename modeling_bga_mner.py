@@ -25,6 +25,7 @@ from transformers import initialization as init
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings
 from transformers.utils import ModelOutput
+from transformers.utils import logging as hf_logging
 
 try:  # as a package (tests, scripts) or as the Hub's dynamic module
     from .configuration_bga_mner import BgaMnerConfig
@@ -601,8 +602,8 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
         model, by Hub id or local path. Every used BERT / ViT weight lands in its place; the samplers,
         generators, classifier and CRF are new. `config_kwargs` go to [`BgaMnerConfig`] (e.g. `id2label`).
         `vision_name_or_path` may be omitted only with `use_generation=False`."""
-        text_model = BertModel.from_pretrained(text_name_or_path, add_pooling_layer=False)
-        vision_model = None if vision_name_or_path is None else CLIPVisionModel.from_pretrained(vision_name_or_path)
+        text_model = _load_tower(BertModel, text_name_or_path, add_pooling_layer=False)
+        vision_model = None if vision_name_or_path is None else _load_tower(CLIPVisionModel, vision_name_or_path)
         if vision_model is None and config_kwargs.get("use_generation", True):
             raise ValueError("A vision model is needed unless use_generation=False.")
         config = BgaMnerConfig(
@@ -804,6 +805,23 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
             log_likelihood = self.crf(compact_logits, compact_labels, compact_mask, reduction="none")
             crf_loss = -torch.where(has_words, log_likelihood, 0.0).sum() / has_words.sum().clamp(min=1)
         return predictions, marginals, crf_loss
+
+
+def _load_tower(model_class: type[PreTrainedModel], name_or_path: str, **kwargs) -> PreTrainedModel:
+    """A pretrained tower, without transformers' load report: a checkpoint holding more than the tower (a full
+    CLIP, a BERT with its pre-training heads) has unexpected keys by design. Missing weights are an error."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = model_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        problems = sorted(info["missing_keys"]) + [str(key) for key in info["mismatched_keys"]]
+        raise ValueError(
+            f"{name_or_path} is not a {model_class.__name__} checkpoint: weights missing ({problems[:3]})."
+        )
+    return model
 
 
 def _tower_config(tower: PreTrainedModel) -> dict:

@@ -29,6 +29,14 @@ BOOKKEEPING = ("special_tokens_mask", "offset_mapping", "sentence", "is_last", "
 class BgaMnerTokenClassificationPipeline(TokenClassificationPipeline):
     """`TokenClassificationPipeline` with CRF decoding (see the module docstring)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A tokenizer without a model_max_length would let a long text overflow the position embeddings:
+        # truncate at the model's own limit instead (give `stride` to read long texts in windows).
+        limit = self.model.config.text_config.max_position_embeddings
+        if self.tokenizer.model_max_length > limit:
+            self.tokenizer.model_max_length = limit
+
     def preprocess(self, sentence, offset_mapping=None, **preprocess_params):
         if isinstance(sentence, str):
             spans = split_words(sentence)[1]

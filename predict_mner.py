@@ -27,7 +27,7 @@ from transformers import AutoModelForTokenClassification, AutoProcessor
 
 from model_card import export_text_only
 from processing_bga_mner import entities_from_tags, join_words, split_words
-from twitter_mner import CorpusFormatError, read_conll
+from twitter_mner import CorpusFormatError, read_conll, read_lines
 
 FORMATS = ("text", "jsonl", "conll")
 
@@ -46,8 +46,7 @@ def guess_format(path: Path) -> str:
         return "jsonl"
     if path.suffix == ".conll":
         return "conll"
-    with open(path, encoding="utf-8") as handle:
-        first = handle.readline()
+    first = next((line for _, line in read_lines(path)), "")
     return "conll" if "\t" in first or first.startswith("IMGID:") else "text"
 
 
@@ -61,37 +60,48 @@ def read_examples(path: Path, input_format: str) -> list[Example]:
             gold = example.labels if labelled else None
             examples.append(Example(example.tokens, spans, text, gold, example.image_id))
         return examples
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if input_format == "text":
-                words, spans = split_words(line)
-                examples.append(Example(words, spans, line))
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CorpusFormatError(f"{path}:{number}: not a JSON object ({error.msg}).") from None
-            if isinstance(record, dict) and isinstance(record.get("text"), str):
-                words, spans = split_words(record["text"])
-                examples.append(Example(words, spans, record["text"]))
-            elif isinstance(record, dict) and isinstance(record.get("tokens"), list):
-                text, spans = join_words([str(token) for token in record["tokens"]])
-                examples.append(Example([str(token) for token in record["tokens"]], spans, text))
-            else:
-                raise CorpusFormatError(f"{path}:{number}: expected an object with a 'text' string or a 'tokens' list.")
+    for number, line in read_lines(path):
+        if not line.strip():
+            continue
+        if input_format == "text":
+            words, spans = split_words(line)
+            examples.append(Example(words, spans, line))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CorpusFormatError(f"{path}:{number}: not a JSON object ({error.msg}).") from None
+        if isinstance(record, dict) and isinstance(record.get("text"), str):
+            words, spans = split_words(record["text"])
+            examples.append(Example(words, spans, record["text"]))
+        elif isinstance(record, dict) and isinstance(record.get("tokens"), list):
+            text, spans = join_words([str(token) for token in record["tokens"]])
+            examples.append(Example([str(token) for token in record["tokens"]], spans, text))
+        else:
+            raise CorpusFormatError(f"{path}:{number}: expected an object with a 'text' string or a 'tokens' list.")
     if not examples:
         raise CorpusFormatError(f"{path}: no text in the file (empty file?).")
     return examples
 
 
 def _conll_has_labels(path: Path) -> bool:
-    """Whether every token line of a CoNLL file carries a label."""
-    with open(path, encoding="utf-8") as handle:
-        lines = [line.rstrip("\r\n") for line in handle if line.strip() and not line.startswith("IMGID:")]
-    return all("\t" in line for line in lines)
+    """Whether the token lines of a CoNLL file carry a label: all or none of them must (the error names the
+    first line that breaks the rule)."""
+    labelled = unlabelled = None  # the first line number of each kind
+    for number, line in read_lines(path):
+        if line.strip() and not line.startswith("IMGID:"):
+            if "\t" in line:
+                labelled = labelled or number
+            else:
+                unlabelled = unlabelled or number
+            if labelled and unlabelled:
+                late_missing = unlabelled > labelled
+                raise CorpusFormatError(
+                    f"{path}:{max(labelled, unlabelled)}: {'no label' if late_missing else 'a label'} on this token "
+                    f"line, but line {min(labelled, unlabelled)} {'has one' if late_missing else 'has none'}: "
+                    "give a label on every token line, or on none."
+                )
+    return labelled is not None
 
 
 @torch.no_grad()
@@ -127,6 +137,16 @@ def write_output(path: Path, output_format: str, examples: list[Example], tags, 
             handle.write("\n")
 
 
+def load_model(name: str, device: str):
+    """The model and processor of a trained folder or Hub id; exits with one line when neither is found."""
+    try:
+        model = AutoModelForTokenClassification.from_pretrained(name, trust_remote_code=True).to(device).eval()
+        return model, AutoProcessor.from_pretrained(name, trust_remote_code=True)
+    except (OSError, ValueError) as error:
+        where = "a folder without a trained model" if Path(name).is_dir() else "no such folder, and no Hub model"
+        sys.exit(f"error: --model {name}: {where} ({str(error).splitlines()[0]})")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="A trained BGA-MNER folder or Hub id.")
@@ -141,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.export_text_only is not None:
+        load_model(args.model, "cpu")  # a clear error for a wrong --model
         print(f"Text-only inference checkpoint -> {export_text_only(args.model, args.export_text_only)}")
         if args.input is None:
             return
@@ -148,13 +169,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--input and --output are required (unless only --export_text_only is given)")
     if not args.input.is_file():
         parser.error(f"{args.input}: no such file")
+    if args.output.is_dir():
+        parser.error(f"--output {args.output} is a folder: give a file name, e.g. {args.output / 'predictions.jsonl'}")
     output_format = args.output_format or ("conll" if args.output.suffix == ".conll" else "jsonl")
     try:
         examples = read_examples(args.input, args.input_format or guess_format(args.input))
     except CorpusFormatError as error:
         sys.exit(f"error: {error}")
-    model = AutoModelForTokenClassification.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    model, processor = load_model(args.model, args.device)
     tags, scores = predict(model, processor, examples, args.batch_size)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_output(args.output, output_format, examples, tags, scores)

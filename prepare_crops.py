@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -30,10 +31,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-from twitter_mner import CROP_SPLIT_FOLDERS, SPLIT_FILES, read_conll
+from twitter_mner import CROP_SPLIT_FOLDERS, SPLIT_FILES, CorpusFormatError, read_conll
 
 logger = logging.getLogger("prepare_crops")
 DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
+SAFE_ID = re.compile(r"[^/\\\x00-\x1f]+")  # no path separator, no control character
 NOISE = re.compile(r"^(https?://\S*|@\S+|RT|:)$", re.IGNORECASE)
 
 
@@ -116,6 +118,12 @@ def prepare_split(split_file: Path, split: str, args, detector: Detector) -> dic
     done_file = folder / "done.txt"
     done = set(done_file.read_text(encoding="utf-8").split()) if done_file.exists() else set()
     examples = {e.image_id: e for e in read_conll(split_file) if e.image_id is not None}
+    for image_id, example in examples.items():  # ids become file names: none may leave the output folder
+        if not SAFE_ID.fullmatch(image_id) or image_id in (".", ".."):
+            raise CorpusFormatError(
+                f"{split_file}:{example.line}: image id {image_id!r} cannot be a file name (path separators, '..' "
+                "or control characters)."
+            )
     todo = [image_id for image_id in examples if image_id not in done]
     counts = {"tweets": len(examples), "skipped_done": len(examples) - len(todo), "missing": 0, "crops": 0}
     missing = []
@@ -180,8 +188,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
             splits[split] = path
     if not splits:
         parser.error(f"--data_dir {args.data_dir}: no train.txt, valid.txt / dev.txt or test.txt")
-    detector = Detector(args.detector, args.device)
-    report = {str(split): prepare_split(path, split, args, detector) for split, path in splits.items()}
+    try:
+        detector = Detector(args.detector, args.device)
+    except OSError as error:
+        sys.exit(
+            f"error: cannot load the detector {args.detector!r} ({str(error).splitlines()[0]}). Without the Hub, "
+            "download it elsewhere (e.g. `hf download " + args.detector + " --local-dir owlv2`) and pass that "
+            "folder with --detector."
+        )
+    try:
+        report = {str(split): prepare_split(path, split, args, detector) for split, path in splits.items()}
+    except CorpusFormatError as error:
+        sys.exit(f"error: {error}")
     for split, counts in report.items():
         logger.info("%s: %s", split, counts)
     return report

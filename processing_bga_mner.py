@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,9 +21,9 @@ from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature, ProcessorMixin
 
 try:  # as a package (tests, scripts) or as the Hub's dynamic module
-    from .configuration_bga_mner import MNER_LABELS
+    from .configuration_bga_mner import MAX_IMAGE_PIXELS, MNER_LABELS
 except ImportError:
-    from configuration_bga_mner import MNER_LABELS
+    from configuration_bga_mner import MAX_IMAGE_PIXELS, MNER_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class BgaMnerProcessor(ProcessorMixin):
             of a `B-X` word get `I-X`) instead of only the first; predictions are still read from the
             first sub-word.
         label_names (`list[str]`): the label list; defaults to the project's BIO list over PER/LOC/ORG/MISC.
+        max_image_pixels (`int`, defaults to 36M): an image with more pixels (by its header, before decoding) is
+            treated as missing and counted as "too large".
     """
 
     def __init__(
@@ -107,12 +110,14 @@ class BgaMnerProcessor(ProcessorMixin):
         max_length: int = 128,
         label_all_subwords: bool = False,
         label_names: Sequence[str] = MNER_LABELS,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
         **kwargs,
     ):
         self.num_object_crops = num_object_crops
         self.max_length = max_length
         self.label_all_subwords = label_all_subwords
         self.label_names = list(label_names)
+        self.max_image_pixels = max_image_pixels
         self.image_problems: Counter[str] = Counter()  # reason -> count of images read as missing
         super().__init__(image_processor, tokenizer, **kwargs)
 
@@ -145,6 +150,14 @@ class BgaMnerProcessor(ProcessorMixin):
             words = [split_words(t)[0] for t in texts]
         elif words and isinstance(words[0], str):
             words = [words]
+        if not words:
+            raise ValueError("No text given: `text` / `words` is empty.")
+        if images is not None and len(images) != len(words):
+            raise ValueError(f"Got {len(words)} texts but {len(images)} images: give one image (or None) per text.")
+        if crops is not None and len(crops) != len(words):
+            raise ValueError(
+                f"Got {len(words)} texts but {len(crops)} crop lists: give one list (maybe empty) per text."
+            )
         if labels is not None and labels and labels[0] is not None and not isinstance(labels[0], (list, tuple)):
             labels = [labels]
         rows = self.encode_words(words, labels)
@@ -281,21 +294,28 @@ class BgaMnerProcessor(ProcessorMixin):
             if isinstance(image, Image.Image):
                 image.load()
                 return image.convert("RGB")
-            with Image.open(image) as opened:
+            with warnings.catch_warnings(), Image.open(image) as opened:  # PIL warns on opening a huge header
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                if opened.width * opened.height > self.max_image_pixels:  # by the header, before decoding
+                    return self._problem(image, "too large", f"{opened.width} x {opened.height} pixels")
                 opened.load()  # decode now: truncated files fail here, not later
                 return opened.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
-            reason = "missing file" if isinstance(error, FileNotFoundError) else "unreadable image"
-            if not self.image_problems:
-                logger.warning(
-                    "Image %s: %s (%s); its example is treated as having no image. Further problems are only "
-                    "counted, in processor.image_problems.",
-                    image,
-                    reason,
-                    error,
-                )
-            self.image_problems[reason] += 1
-            return None
+        except Image.DecompressionBombError as error:
+            return self._problem(image, "too large", error)
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            return self._problem(image, "missing" if isinstance(error, FileNotFoundError) else "unreadable", error)
+
+    def _problem(self, image: ImageInput, reason: str, detail) -> None:
+        """Counts an image read as missing (in `image_problems`), warning about the first one."""
+        if not self.image_problems:
+            logger.warning(
+                "Image %s: %s (%s); its example is treated as having no image. Further problems are only "
+                "counted, in processor.image_problems.",
+                image,
+                reason,
+                detail,
+            )
+        self.image_problems[reason] += 1
 
     # ----------------------------------------------------------------------------------------------
     # batching

@@ -13,6 +13,8 @@ test predictions in CoNLL form (`token gold pred`). Checkpoints go to `<output_d
 
 from __future__ import annotations
 
+import collections
+import importlib.util
 import json
 import logging
 import math
@@ -20,7 +22,7 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import datasets
@@ -34,10 +36,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPImageProcessorPil, HfArgumentParser, get_linear_schedule_with_warmup
 
+from configuration_bga_mner import MAX_IMAGE_PIXELS
 from model_card import apply_umask, export_text_only, public_settings, results_table, write_model_card
 from modeling_bga_mner import BgaMnerForTokenClassification
 from processing_bga_mner import BgaMnerDataCollator, BgaMnerProcessor
-from twitter_mner import load_mner_dataset
+from twitter_mner import CorpusFormatError, load_mner_dataset
 
 logger = logging.getLogger("run_mner")
 # The per-BGA-layer statistics of the mechanism that training logs (fields of the model's output, shape (N,)).
@@ -97,6 +100,9 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N dev/test tweets."})
     eval_without_images: bool = field(default=False, metadata={"help": "Drop all images at evaluation."})
     max_length: int = field(default=128, metadata={"help": "Sub-words per window, special tokens included."})
+    max_image_pixels: int = field(
+        default=MAX_IMAGE_PIXELS, metadata={"help": "Larger images (by their header) are treated as missing."}
+    )
     label_all_subwords: bool = field(default=False, metadata={"help": "Label every sub-word, not only the first."})
 
 
@@ -123,7 +129,15 @@ class TrainingArguments:
         default=2,
         metadata={"help": "Keep the newest K step checkpoints (the best model is kept apart); 0 or less: keep all."},
     )
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder or 'latest'."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "A checkpoint folder, or 'latest' (the newest in output_dir; a fresh start if there is none)."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start clean in an output folder that holds an earlier run (deletes it)."}
+    )
     max_steps_per_run: int | None = field(
         default=None, metadata={"help": "Stop after N optimizer steps of this run, checkpointed (time-boxed jobs)."}
     )
@@ -137,16 +151,39 @@ class TrainingArguments:
     )
 
 
+class UsageError(Exception):
+    """A mistake in how the script was called (configuration, flags, paths): one line, exit code 2."""
+
+
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Flags, or a YAML / JSON file first and flags after it that override the file's values."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    """Flags, or a YAML / JSON file first and flags after it that override the file's values. Raises
+    `UsageError` naming the file and key (or flag) for anything it cannot use."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), allow_abbrev=False)
+    known = {f.name for kind in (ModelArguments, DataArguments, TrainingArguments) for f in fields(kind)}
+    argv = [a for a in argv if a != "--debug"]
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        settings = yaml.safe_load(Path(argv[0]).read_text(encoding="utf-8")) or {}
+        path = Path(argv[0])
+        try:
+            settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise UsageError(f"{path}: no such configuration file.") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            where = getattr(error, "problem_mark", None)
+            line = f":{where.line + 1}" if where is not None else ""
+            raise UsageError(f"{path}{line}: not valid YAML / JSON ({getattr(error, 'problem', error)}).") from None
+        if not isinstance(settings, dict):
+            raise UsageError(f"{path}: expected a mapping of option: value, got {type(settings).__name__}.")
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise UsageError(f"{path}: unknown key {unknown[0]!r} (run with --help for the options).")
         from_file = [f"--{key}={value}" for key, value in settings.items() if value is not None]
         argv = from_file + argv[1:]
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # HfArgumentParser's "Some specified arguments are not used ..."
+        raise UsageError(f"unknown option: {str(error).split(':', 1)[-1].strip()}") from None
     if data_args.data_dir is None:
-        parser.error("--data_dir is required")
+        raise UsageError("--data_dir is required (or a configuration file that sets data_dir).")
     return model_args, data_args, training_args
 
 
@@ -156,12 +193,13 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tra
 
 def load_corpora(data_args: DataArguments, num_crops: int) -> datasets.DatasetDict:
     """train / validation / test splits; the test split comes from --test_data_dir when given."""
+    limit = {"max_image_pixels": data_args.max_image_pixels}
     corpus = load_mner_dataset(
-        data_args.data_dir, data_args.dataset_name, data_args.image_dir, data_args.crop_dir, num_crops
+        data_args.data_dir, data_args.dataset_name, data_args.image_dir, data_args.crop_dir, num_crops, **limit
     )
     if data_args.test_data_dir:
         other = load_mner_dataset(
-            data_args.test_data_dir, "conll", data_args.test_image_dir, data_args.test_crop_dir, num_crops
+            data_args.test_data_dir, "conll", data_args.test_image_dir, data_args.test_crop_dir, num_crops, **limit
         )
         corpus["test"] = other["test"]
     if data_args.max_train_samples is not None:
@@ -173,8 +211,34 @@ def load_corpora(data_args: DataArguments, num_crops: int) -> datasets.DatasetDi
             corpus[split] = corpus[split].select(range(min(data_args.max_eval_samples, len(corpus[split]))))
     if data_args.eval_without_images:
         for split in ("validation", "test"):
-            corpus[split] = corpus[split].map(lambda _: {"image": None, "crops": []})
+            corpus[split] = corpus[split].map(lambda _: {"image": None, "image_status": None, "crops": []})
     return corpus
+
+
+def image_report(corpus: datasets.DatasetDict) -> dict[str, dict[str, int]]:
+    """Per split, how many examples' images are usable ("ok") or why not ("missing", "unreadable", "too large");
+    found by the builder from the files' headers. Logged once and written to results.json."""
+    report = {}
+    for split, data in corpus.items():
+        counts = collections.Counter(status for status in data["image_status"] if status is not None)
+        if counts:
+            report[split] = dict(sorted(counts.items()))
+    if report:
+        logger.info("Images per split: %s", report)
+    return report
+
+
+def check_trackers(report_to: str | None) -> None:
+    """A tracker that is asked for must be installed (Accelerate would silently log nowhere)."""
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+    for name in (report_to or "").replace(",", " ").split():
+        if name == "all":
+            continue
+        if name in packages and not any(importlib.util.find_spec(p) for p in packages[name]):
+            raise UsageError(
+                f"--report_to {name}: the {packages[name][0]} package is not installed "
+                "(pip install -r requirements-trackers.txt)."
+            )
 
 
 def tokenize(corpus: datasets.DatasetDict, processor: BgaMnerProcessor) -> datasets.DatasetDict:
@@ -211,7 +275,8 @@ def load_model_and_processor(model_args: ModelArguments, data_args: DataArgument
     try:
         if model_args.model_name_or_path:
             model = BgaMnerForTokenClassification.from_pretrained(model_args.model_name_or_path, **overrides)
-            processor = BgaMnerProcessor.from_pretrained(model_args.model_name_or_path)
+            processor = BgaMnerProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+            processor.max_image_pixels = data_args.max_image_pixels
             model_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
             if model_labels != label_names:
                 raise ValueError(
@@ -236,7 +301,7 @@ def load_model_and_processor(model_args: ModelArguments, data_args: DataArgument
             if model_args.use_generation
             else CLIPImageProcessorPil()
         )
-    except OSError as error:
+    except (OSError, ValueError) as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         raise SystemExit(
             f"Cannot load a model: {error}\nA name must be a local folder or a Hub id"
@@ -249,6 +314,7 @@ def load_model_and_processor(model_args: ModelArguments, data_args: DataArgument
         max_length=data_args.max_length,
         label_all_subwords=data_args.label_all_subwords,
         label_names=label_names,
+        max_image_pixels=data_args.max_image_pixels,
     )
     return model, processor
 
@@ -307,6 +373,9 @@ def predict(
         "example_index": torch.cat(gathered["example_index"]),
         "num_words": torch.cat(gathered["num_words"]),
     }
+    rows = len(dataloader.dataset)
+    if len(encoding["example_index"]) != rows:  # rows repeated to fill the last batch, or lost
+        raise RuntimeError(f"Gathered {len(encoding['example_index'])} predicted rows for {rows} rows of data.")
     tags = processor.decode_predictions(encoding["predictions"], encoding)
     assert len(tags) == num_examples, (len(tags), num_examples)
     return tags
@@ -371,14 +440,67 @@ def delete_checkpoint(folder: Path) -> None:
     shutil.rmtree(doomed)
 
 
-def find_checkpoint(output_dir: Path, name: str) -> Path:
-    """'latest' -> the newest complete `step_N` checkpoint; otherwise the folder given."""
+def find_checkpoint(output_dir: Path, name: str) -> Path | None:
+    """'latest' -> the newest complete `step_N` checkpoint, or None when there is none yet (a time-boxed job's
+    first leg starts fresh); otherwise the folder given."""
     if name != "latest":
+        if not Path(name).is_dir():
+            raise UsageError(f"--resume_from_checkpoint {name}: no such checkpoint folder.")
         return Path(name)
-    folders = step_checkpoints(output_dir / "checkpoints")
+    folders = step_checkpoints(output_dir / "checkpoints") if (output_dir / "checkpoints").is_dir() else []
     if not folders:
-        raise SystemExit(f"--resume_from_checkpoint latest: no checkpoint in {output_dir / 'checkpoints'}.")
+        logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run.", output_dir)
+        return None
     return folders[-1]
+
+
+def random_states_loadable(checkpoint: Path, process_index: int) -> bool:
+    """Whether `accelerator.load_state` will restore this process's random states (it only logs when it can't)."""
+    try:
+        torch.load(checkpoint / f"random_states_{process_index}.pkl", weights_only=False)
+        return True
+    except Exception:  # missing, truncated, or from another version
+        return False
+
+
+RUN_FILES = ("results.json", "checkpoints", "model.safetensors")  # what makes a folder hold a run
+
+
+def claim_output_dir(output_dir: Path, args: TrainingArguments):
+    """Before anything is written: refuses a folder that holds a run (unless resuming, or told to start clean),
+    checks that it can be written, and locks it for this run. The lock (`flock`) goes with the process, so
+    a killed run never blocks the next. Returns the open lock file, to keep for the run's lifetime."""
+    holds_run = any((output_dir / name).exists() for name in RUN_FILES)
+    if holds_run and args.do_train and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        raise UsageError(
+            f"{output_dir} holds an earlier run: pass --overwrite_output_dir to start clean, "
+            "--resume_from_checkpoint latest to continue it, or another --output_dir."
+        )
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(output_dir / ".run.lock", "a+")
+    except OSError as error:
+        raise UsageError(f"cannot write to the output folder {output_dir}: {error.strerror or error}.") from None
+    try:
+        import fcntl
+
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no flock (Windows): no lock
+        pass
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        raise UsageError(f"{output_dir} is in use by another run (process {holder}); wait for it to end.") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    if holds_run and args.do_train and args.overwrite_output_dir and not args.resume_from_checkpoint:
+        logger.info("--overwrite_output_dir: removing the earlier run in %s", output_dir)
+        for path in output_dir.iterdir():
+            if path.name != ".run.lock":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return lock
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,6 +523,10 @@ def main(argv: list[str] | None = None) -> dict:
         datasets.utils.logging.disable_progress_bar()
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
+    check_trackers(args.report_to)
+    lock = claim_output_dir(output_dir, args) if accelerator.is_main_process else None  # noqa: F841 (held)
+    accelerator.wait_for_everyone()
+    logger.info("%d process(es), %s", accelerator.num_processes, accelerator.distributed_type)
 
     # Data first: a missing folder or a malformed file fails before any model is loaded.
     with accelerator.main_process_first():
@@ -457,18 +583,29 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report_to:
         accelerator.init_trackers("bga-mner", config={k: v for k, v in settings.items() if v is not None})
 
-    results: dict = {}
+    results: dict = {"world_size": accelerator.num_processes, "images": image_report(corpus)}
     best_dir = output_dir / "checkpoints" / "best"
     if args.do_train:
         completed_steps, start_epoch, skip_batches = 0, 0, 0
-        best = json.loads((best_dir / "best.json").read_text()) if best_dir.exists() else {"f1": -1.0}
-        if args.resume_from_checkpoint:
-            checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
+        best = {"f1": -1.0}
+        checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+        if checkpoint is not None:
+            exact = random_states_loadable(checkpoint, accelerator.process_index)
             accelerator.load_state(str(checkpoint))
             completed_steps = int(checkpoint.name.split("_")[1])
             start_epoch = completed_steps // steps_per_epoch
             skip_batches = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
+            if best_dir.exists():
+                best = json.loads((best_dir / "best.json").read_text())
             logger.info("Resumed from %s (step %d, epoch %d)", checkpoint, completed_steps, start_epoch)
+            if not exact:
+                logger.warning(
+                    "%s has no loadable random states for process %d: the resumed run goes on, but its dropout and "
+                    "sampler noise differ from the uninterrupted run's (recorded as resume_exact: false).",
+                    checkpoint,
+                    accelerator.process_index,
+                )
+            results["resumed_from_step"], results["resume_exact"] = completed_steps, exact
         stop_at = completed_steps + args.max_steps_per_run if args.max_steps_per_run else None
 
         def evaluate_and_checkpoint(epoch_end: bool) -> None:
@@ -506,6 +643,12 @@ def main(argv: list[str] | None = None) -> dict:
             for batch in batches:
                 with accelerator.accumulate(model):
                     outputs = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+                    if not torch.isfinite(outputs.loss):
+                        raise SystemExit(
+                            f"error: training diverged: the loss is {outputs.loss.item()} at step "
+                            f"{completed_steps + 1} (epoch {epoch + 1}); nothing of this step is saved. "
+                            f"Lower --learning_rate (now {args.learning_rate:g}) or keep --max_grad_norm on."
+                        )
                     accelerator.backward(outputs.loss)
                     if accelerator.sync_gradients and args.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -561,6 +704,7 @@ def main(argv: list[str] | None = None) -> dict:
         if accelerator.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
             write_conll(output_dir / "test_predictions.conll", corpus["test"], predicted)
+    check_finite(unwrapped)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         unwrapped.save_pretrained(output_dir)
@@ -571,6 +715,8 @@ def main(argv: list[str] | None = None) -> dict:
             "with_image": sum(image is not None for image in train_split["image"]),
             "with_crops": sum(len(crops) > 0 for crops in train_split["crops"]),
         }
+        if processor.image_problems:  # files that passed the header check but failed to decode (truncated ...)
+            results["images_failed_to_decode"] = dict(processor.image_problems)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
         (output_dir / "training_args.json").write_text(
             json.dumps(public_settings(settings), indent=2), encoding="utf-8"
@@ -654,8 +800,16 @@ class MechanismLog:
         }
 
 
+def check_finite(model) -> None:
+    """Refuses to save a model with a non-finite weight (a diverged run)."""
+    bad = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+    if bad:
+        raise SystemExit(f"error: training diverged: {len(bad)} tensors hold NaN or inf (first: {bad[0]}); not saved.")
+
+
 def save_best(accelerator: Accelerator, model, processor: BgaMnerProcessor, folder: Path, best: dict) -> None:
     """Saves the best model so far as a loadable folder, atomically (temporary folder, then rename)."""
+    check_finite(accelerator.unwrap_model(model))
     if accelerator.is_main_process:
         temporary = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(temporary, ignore_errors=True)
@@ -668,5 +822,17 @@ def save_best(accelerator: Accelerator, model, processor: BgaMnerProcessor, fold
     accelerator.wait_for_everyone()
 
 
+def cli() -> None:
+    """`python run_mner.py ...`: mistakes in the call print one line and exit 2 (with --debug or
+    BGA_MNER_DEBUG=1, the traceback)."""
+    try:
+        main()
+    except (UsageError, CorpusFormatError, FileNotFoundError) as error:
+        if "--debug" in sys.argv or os.environ.get("BGA_MNER_DEBUG", "0") not in ("", "0"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

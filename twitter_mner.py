@@ -15,14 +15,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections import defaultdict
+import warnings
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+from PIL import Image, UnidentifiedImageError
 
-from configuration_bga_mner import MNER_LABELS
+from configuration_bga_mner import MAX_IMAGE_PIXELS, MNER_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,21 @@ def normalise_label(label: str) -> str:
     return f"{prefix}-{LABEL_ALIASES.get(kind, kind)}" if kind else label
 
 
+def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, line without its end) for each line of a UTF-8 file, a byte-order mark dropped. Raises
+    `CorpusFormatError` naming file and line for bytes that are not UTF-8."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                raise CorpusFormatError(
+                    f"{path}:{number}: not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1}); "
+                    "convert the file to UTF-8."
+                ) from None
+            yield number, line.removeprefix("\ufeff") if number == 1 else line
+
+
 def read_conll(path: str | os.PathLike, labelled: bool = True) -> Iterator[ConllExample]:
     """Reads examples from a CoNLL file in the UMT form. With `labelled=False`, lines may hold only
     the token (labels then come back as "O"). Raises `CorpusFormatError` naming file and line for a
@@ -61,39 +78,44 @@ def read_conll(path: str | os.PathLike, labelled: bool = True) -> Iterator[Conll
     path = Path(path)
     image_id, tokens, labels, start = None, [], [], None
     found = False
-    with open(path, encoding="utf-8", newline="") as handle:
-        for number, raw in enumerate(handle, start=1):
-            line = raw.rstrip("\r\n")
-            if line.strip() == "":
-                if tokens:
-                    found = True
-                    yield ConllExample(image_id, tokens, labels, start)
-                elif image_id is not None:
-                    raise CorpusFormatError(f"{path}:{start}: IMGID line without any token line after it.")
-                image_id, tokens, labels, start = None, [], [], None
-                continue
-            if line.startswith("IMGID:") and "\t" not in line:
-                if tokens or image_id is not None:
-                    raise CorpusFormatError(f"{path}:{number}: IMGID line inside an example (missing blank line?).")
-                image_id, start = line[len("IMGID:") :].strip(), number
-                continue
-            start = start or number
-            token, tab, label = line.rpartition("\t")
-            if not labelled and not tab:
-                token, label = line, "O"
-            elif not tab or token == "":
-                raise CorpusFormatError(f"{path}:{number}: expected 'token<TAB>label', got {line!r}.")
-            label = normalise_label(label.strip())
-            if label not in MNER_LABELS:
-                raise CorpusFormatError(
-                    f"{path}:{number}: unknown label {label!r}; expected one of {', '.join(MNER_LABELS)} "
-                    "(OTHER is read as MISC)."
-                )
-            tokens.append(token)
-            labels.append(label)
+    for number, line in read_lines(path):
+        if line.strip() == "":
+            if tokens:
+                found = True
+                yield ConllExample(image_id, tokens, labels, start)
+            elif image_id is not None:
+                raise CorpusFormatError(f"{path}:{start}: IMGID line without any token line after it.")
+            image_id, tokens, labels, start = None, [], [], None
+            continue
+        if line.startswith("IMGID:") and "\t" not in line:
+            if tokens or image_id is not None:
+                raise CorpusFormatError(f"{path}:{number}: IMGID line inside an example (missing blank line?).")
+            image_id, start = line[len("IMGID:") :].strip(), number
+            continue
+        start = start or number
+        columns = line.split("\t")
+        if not labelled and len(columns) == 1:
+            columns = [line, "O"]
+        if len(columns) != 2:
+            raise CorpusFormatError(
+                f"{path}:{number}: expected 'token<TAB>label' (2 columns), got {len(columns)} column(s): {line!r}."
+            )
+        if columns[0] == "":
+            raise CorpusFormatError(f"{path}:{number}: expected 'token<TAB>label', got an empty token: {line!r}.")
+        token, label = columns
+        label = normalise_label(label.strip())
+        if label not in MNER_LABELS:
+            raise CorpusFormatError(
+                f"{path}:{number}: unknown label {label!r}; expected one of {', '.join(MNER_LABELS)} "
+                "(OTHER is read as MISC)."
+            )
+        tokens.append(token)
+        labels.append(label)
     if tokens:
         found = True
         yield ConllExample(image_id, tokens, labels, start)
+    elif image_id is not None:
+        raise CorpusFormatError(f"{path}:{start}: IMGID line without any token line after it.")
     if not found:
         raise CorpusFormatError(f"{path}: no example in the file (empty file?).")
 
@@ -126,11 +148,13 @@ def find_crops(crop_dir: str | os.PathLike | None, split: str) -> dict[str, list
 @dataclass
 class TwitterMnerConfig(datasets.BuilderConfig):
     """`data_dir`: the folder of the text files. `image_dir`: the folder of `<id>.jpg` images (optional).
-    `crop_dir`: the HVPNeT object-crop folder (optional). `num_crops`: crops kept per image."""
+    `crop_dir`: the HVPNeT object-crop folder (optional). `num_crops`: crops kept per image. `max_image_pixels`:
+    larger images (by their header, read without decoding) are treated as missing."""
 
     image_dir: str | None = None
     crop_dir: str | None = None
     num_crops: int = 3
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
 
 class TwitterMner(datasets.GeneratorBasedBuilder):
@@ -153,7 +177,9 @@ class TwitterMner(datasets.GeneratorBasedBuilder):
                     "image_id": datasets.Value("string"),
                     "tokens": datasets.Sequence(datasets.Value("string")),
                     "ner_tags": datasets.Sequence(datasets.ClassLabel(names=list(MNER_LABELS))),
-                    "image": datasets.Value("string"),  # path, or None when there is no image file
+                    "image": datasets.Value("string"),  # path, or None when there is no usable image file
+                    # "ok", or why `image` is None: "missing", "unreadable", "too large"; None without image_dir
+                    "image_status": datasets.Value("string"),
                     "crops": datasets.Sequence(datasets.Value("string")),
                 }
             ),
@@ -165,6 +191,9 @@ class TwitterMner(datasets.GeneratorBasedBuilder):
         data_dir = Path(self.config.data_dir)
         if not data_dir.is_dir():
             raise FileNotFoundError(f"{data_dir}: no such data folder.")
+        for kind, folder in (("image", self.config.image_dir), ("crop", self.config.crop_dir)):
+            if folder and not Path(folder).is_dir():
+                raise FileNotFoundError(f"{folder}: no such {kind} folder.")
         generators = []
         for split, names in SPLIT_FILES.items():
             path = next((data_dir / name for name in names if (data_dir / name).is_file()), None)
@@ -180,15 +209,16 @@ class TwitterMner(datasets.GeneratorBasedBuilder):
     def _generate_examples(self, path: Path, split: str):
         config = self.config
         crops = find_crops(config.crop_dir, split)
-        orphans = missing_images = total = 0
+        orphans = 0
+        statuses: Counter[str] = Counter()
         for index, example in enumerate(read_conll(path)):
-            image = None
+            image, status = None, None
             if config.image_dir and example.image_id is not None:
                 candidate = Path(config.image_dir, f"{example.image_id}.jpg")
-                image = str(candidate) if candidate.is_file() else None
-                missing_images += image is None
+                status = image_status(candidate, config.max_image_pixels)
+                image = str(candidate) if status == "ok" else None
+                statuses[status] += 1
             orphans += count_orphan_inside_tags(example.labels)
-            total += 1
             yield (
                 f"{split}-{index}",
                 {
@@ -197,6 +227,7 @@ class TwitterMner(datasets.GeneratorBasedBuilder):
                     "tokens": example.tokens,
                     "ner_tags": example.labels,
                     "image": image,
+                    "image_status": status,
                     "crops": crops.get(example.image_id, [])[: config.num_crops] if image else [],
                 },
             )
@@ -207,14 +238,32 @@ class TwitterMner(datasets.GeneratorBasedBuilder):
                 path,
                 orphans,
             )
-        if missing_images:
-            logger.warning(
-                "%s: %d of %d examples have no image file in %s; they train without an image.",
-                path,
-                missing_images,
-                total,
+        if config.image_dir:
+            problems = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items()) if status != "ok")
+            logger.log(
+                logging.WARNING if problems else logging.INFO,
+                "%s split: %d of %d images usable in %s%s.",
+                split,
+                statuses["ok"],
+                sum(statuses.values()),
                 config.image_dir,
+                f" ({problems}; those examples train without an image)" if problems else "",
             )
+
+
+def image_status(path: Path, max_pixels: int) -> str:
+    """ "ok", "missing", "unreadable" or "too large" (more than `max_pixels` by the header; nothing is decoded)."""
+    if not path.is_file():
+        return "missing"
+    try:
+        with warnings.catch_warnings(), Image.open(path) as image:  # PIL warns on opening a huge header
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = image.size
+    except Image.DecompressionBombError:  # PIL's own limit, far above ours
+        return "too large"
+    except (OSError, UnidentifiedImageError, ValueError):
+        return "unreadable"
+    return "too large" if width * height > max_pixels else "ok"
 
 
 def load_mner_dataset(
@@ -224,6 +273,7 @@ def load_mner_dataset(
     crop_dir: str | os.PathLike | None = None,
     num_crops: int = 3,
     cache_dir: str | os.PathLike | None = None,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> datasets.DatasetDict:
     """Builds the train / validation / test splits of a corpus (always re-read from its files)."""
     builder = TwitterMner(
@@ -232,6 +282,7 @@ def load_mner_dataset(
         image_dir=str(image_dir) if image_dir else None,
         crop_dir=str(crop_dir) if crop_dir else None,
         num_crops=num_crops,
+        max_image_pixels=max_image_pixels,
         cache_dir=str(cache_dir) if cache_dir else None,
     )
     try:

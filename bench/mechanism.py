@@ -22,7 +22,7 @@ the control; the images are the same set, only the pairing is broken), `none` (n
    and the share of kept words that lie inside gold entities against the share of entity words.
 3. efficiency (Fig. 5): test F1 with 50 / 100 / 200 / 400 training tweets and the full set.
 4. variants: the sampler readings that chose the defaults, on 400 matched tweets: masks per layer (the
-   paper's Eq. 1) or cumulative, with and without the keep-ratio loss.
+   paper's Eq. 1) or cumulative, with and without the keep-ratio loss; and the default with alpha = 1.
 
 Every model trains through `run_mner.py` (lr 1e-4, CRF lr 5e-3, batch 16, seed 42): one epoch of the full
 set, or as many epochs of a small set as make at least 100 optimizer steps; 2 dev evaluations, the best by
@@ -57,6 +57,16 @@ DATA = ROOT.parent / "shared" / "data" / "twitter2017"
 SHAPES = {"PER": ("ellipse", (220, 30, 30)), "LOC": ("rectangle", (30, 170, 60)),
           "ORG": ("triangle", (40, 70, 220)), "MISC": ("diamond", (240, 150, 20))}  # fmt: skip
 SIZE = 64
+VARIANTS = {  # label (its first word names it for --variants) -> run_mner.py flags
+    "default: per-layer masks + keep-ratio loss": {},
+    "no-ratio: per-layer masks, no keep-ratio loss": {"keep_ratio_weight": 0.0},
+    "cumulative: cumulative masks + keep-ratio loss": {"cumulative_sampler_masks": True},
+    "cumulative-no-ratio: cumulative masks, no keep-ratio loss": {
+        "cumulative_sampler_masks": True,
+        "keep_ratio_weight": 0.0,
+    },
+    "alpha-1: the default with alpha = 1 (1000x the paper's)": {"alpha": 1.0},
+}
 
 
 def minilm_folder() -> Path:
@@ -235,6 +245,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--parts", nargs="+", default=["alignment", "samplers", "efficiency", "variants"])
     parser.add_argument("--sizes", nargs="+", default=["50", "100", "200", "400", "full"])
+    parser.add_argument("--variants", nargs="+", default=None, help=f"Some of: {[v.split()[0] for v in VARIANTS]}.")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "mechanism.json")
     args = parser.parse_args()
     if not (DATA / "train.txt").is_file():
@@ -287,13 +298,9 @@ def main() -> None:
                     }
                 save()
         if "variants" in args.parts:
-            variants = {
-                "per-layer + keep-ratio loss (default)": {},
-                "per-layer, no keep-ratio loss": {"keep_ratio_weight": 0.0},
-                "cumulative + keep-ratio loss": {"cumulative_sampler_masks": True},
-                "cumulative, no keep-ratio loss": {"cumulative_sampler_masks": True, "keep_ratio_weight": 0.0},
-            }
-            for label, flags in variants.items():
+            for label, flags in VARIANTS.items():
+                if args.variants and label.split(" ")[0] not in args.variants:
+                    continue
                 name = "matched-400" if not flags else "variant-" + "-".join(f"{k}={v}" for k, v in flags.items())
                 result = run(name, "matched", 400, **flags)
                 report.setdefault("variants", {})[label] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,44 @@ def test_model_card_metadata_is_what_the_hub_reads(tmp_path):
         76.31,
     )
     assert "| test | 86.80 | 0.00 | 0.00 | 0.00 | 78.00 | 74.00 | 76.31 |" in loaded.text
+
+
+def test_pipeline_entities_are_the_crf_viterbi_path_not_the_emission_arg_max(tmp_path):
+    """Emissions that prefer B-LOC for every word, transitions that make B-PER I-PER I-PER the best path: the
+    pipeline must return the multi-word PER entity, with scores equal to marginals by brute-force enumeration."""
+    processor = tiny_processor(tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    model = BgaMnerForTokenClassification(tiny_config(text={"vocab_size": len(processor.tokenizer)})).eval()
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([0.0, 0.5, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]))  # arg-max: B-LOC
+        model.crf.transitions.fill_(-2.0)
+        model.crf.transitions[labels.index("B-PER"), labels.index("I-PER")] = 3.0
+        model.crf.transitions[labels.index("I-PER"), labels.index("I-PER")] = 3.0
+        model.crf.start_transitions.zero_()
+        model.crf.end_transitions.zero_()
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    text = "Barack Hussein Obama"
+    emissions = model.classifier.bias.detach()
+    assert labels[int(emissions.argmax())] == "B-LOC"
+
+    # Brute force over all 9^3 label paths: the best path and each word's marginal probability of a label.
+    crf = model.crf
+    scores = {}
+    for path in itertools.product(range(len(labels)), repeat=3):
+        score = crf.start_transitions[path[0]] + crf.end_transitions[path[-1]] + sum(emissions[y] for y in path)
+        scores[path] = float(score + sum(crf.transitions[a, b] for a, b in zip(path[:-1], path[1:], strict=True)))
+    best = max(scores, key=scores.get)
+    assert [labels[y] for y in best] == ["B-PER", "I-PER", "I-PER"]
+    total = sum(math.exp(s) for s in scores.values())
+    marginal = [sum(math.exp(s) for p, s in scores.items() if p[i] == best[i]) / total for i in range(3)]
+
+    ner = pipeline("token-classification", model=str(tmp_path / "model"), trust_remote_code=True)
+    (entity,) = ner(text, aggregation_strategy="simple")
+    assert (entity["entity_group"], entity["word"], entity["start"], entity["end"]) == ("PER", text, 0, len(text))
+    assert entity["score"] == pytest.approx(sum(marginal) / 3, abs=1e-5)
+    words = ner(text, aggregation_strategy="none")
+    assert [w["entity"] for w in words] == ["B-PER", "I-PER", "I-PER"]
+    assert [w["score"] for w in words] == pytest.approx(marginal, abs=1e-5)

@@ -90,3 +90,18 @@ def test_crops_are_written_for_every_tweet_with_an_image_and_a_rerun_skips_them(
     )
     with_crops = [example for example in data["train"] if example["image"]]
     assert with_crops and all(len(example["crops"]) == 2 for example in with_crops)
+
+
+def test_image_ids_that_would_leave_the_output_folder_are_refused(detector, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text("IMGID:1\nParis\tB-LOC\n\nIMGID:../../escaped\nObama\tB-PER\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("1", "escaped"):
+        Image.new("RGB", (40, 30), "red").save(images / f"{name}.jpg")
+    output = tmp_path / "a" / "b" / "out"
+    with pytest.raises(SystemExit, match=r"train.txt:4: image id '../../escaped' cannot be a file name"):
+        main(["--data_dir", str(corpus), "--image_dir", str(images), "--output_dir", str(output),
+              "--detector", str(detector)])  # fmt: skip
+    assert not [p for p in tmp_path.rglob("*escaped*") if p.parent != images]

@@ -133,7 +133,7 @@ def test_images_of_every_mode_load_and_broken_files_count_as_missing(processor, 
     assert pixel_mask[0].tolist() == [True, True, True]  # 2 crops kept of 3
     assert not pixel_mask[-1].any()  # a crop without its global image does not count
     assert (pixel_values[~pixel_mask] == 0).all() and pixel_values[pixel_mask].abs().sum() > 0
-    assert processor.image_problems == {"unreadable image": 2, "missing file": 1}
+    assert processor.image_problems == {"unreadable": 2, "missing": 1}
     assert sum("treated as having no image" in r.message for r in caplog.records) == 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,10 +24,23 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
-def run(*args: str, launcher: tuple[str, ...] = (sys.executable,), check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# `accelerate launch --cpu --num_processes 2` starts ONE process; this starts two CPU processes (torchrun).
+TWO_CPU_PROCESSES = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")  # fmt: skip
+
+
+def run(
+    *args: str, launcher: tuple[str, ...] = (sys.executable,), check: bool = True, script: str = "run_mner.py"
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(
-        [*launcher, str(ROOT / "run_mner.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [*launcher, str(ROOT / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
     )
     if check and result.returncode != 0:
         raise AssertionError(result.stdout[-3000:] + result.stderr[-5000:])
@@ -42,7 +56,12 @@ def smoke_run(tmp_path_factory) -> Path:
 
 def test_smoke_configuration_trains_and_leaves_a_loadable_model_repository(smoke_run):
     results = json.loads((smoke_run / "results.json").read_text())
-    assert set(results) == {"best_step", "validation", "test", "mechanism"}
+    assert set(results) == {"best_step", "validation", "test", "mechanism", "training_images", "images", "world_size"}
+    assert results["world_size"] == 1
+    assert results["images"]["train"] == {"missing": 4, "ok": 20}  # the fixture lacks 4 train images
+    # The saved model is the best one by dev F1: evaluating it again gives the best dev F1 seen in training.
+    best = json.loads((smoke_run / "checkpoints" / "best" / "best.json").read_text())
+    assert best["step"] == results["best_step"] and best["f1"] == results["validation"]["overall"]["f1"]
     assert 0.0 <= results["test"]["overall"]["f1"] <= 1.0
     # The mechanism at the end of training, per BGA layer (the smoke model has 2): no sampler has collapsed
     # onto the always-kept token, and the generation losses were active (the smoke corpus has images).
@@ -86,50 +105,60 @@ def test_an_interrupted_run_resumed_ends_with_the_same_weights(tmp_path):
     assert "Stopped after 3 steps" in stopped.stderr
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     assert (tmp_path / "resumed" / "checkpoints" / "step_3").is_dir()  # mid-epoch: 5 steps per epoch
-    run(*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest")
+    resumed = run(*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest")
+    assert re.search(r"Resumed from \S+step_3 \(step 3, epoch 0\)", resumed.stderr)
+    assert json.loads((tmp_path / "resumed" / "results.json").read_text())["resumed_from_step"] == 3
     for name in ("checkpoints/step_10/model.safetensors", "model.safetensors"):
         straight, resumed = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
         assert straight.keys() == resumed.keys()
         for key in straight:
             assert torch.equal(straight[key], resumed[key]), (name, key)
     straight_results = json.loads((tmp_path / "straight" / "results.json").read_text())
-    assert straight_results == json.loads((tmp_path / "resumed" / "results.json").read_text())
+    resumed_results = json.loads((tmp_path / "resumed" / "results.json").read_text())
+    assert resumed_results.pop("resumed_from_step") == 3 and resumed_results.pop("resume_exact") is True
+    assert straight_results == resumed_results
     assert not list((tmp_path / "resumed" / "checkpoints").glob("*.tmp"))
 
 
 def test_two_process_evaluation_equals_one_process(smoke_run, tmp_path):
-    evaluate = [
-        str(SMOKE),
-        "--model_name_or_path",
-        str(smoke_run),
-        "--do_train",
-        "false",
-        "--per_device_eval_batch_size",
-        "4",
-    ]
+    evaluate = [str(SMOKE), "--model_name_or_path", str(smoke_run), "--do_train", "false",
+                "--per_device_eval_batch_size", "4"]  # fmt: skip
     run(*evaluate, "--output_dir", str(tmp_path / "one"))
-    launcher = (
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    )
-    run(*evaluate, "--output_dir", str(tmp_path / "two"), launcher=launcher)
+    two_processes = run(*evaluate, "--output_dir", str(tmp_path / "two"), launcher=TWO_CPU_PROCESSES)
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (one.pop("world_size"), two.pop("world_size")) == (1, 2), two_processes.stderr[-2000:]
     assert one == two and one["validation"]["overall"]["f1"] > 0
-    # 11 test tweets over 2 processes x 4: the duplicated samples of the last batch were dropped.
+    # 11 distinct test tweets over 2 processes x 4: the samples repeated to fill the last batch were dropped
+    # (a plain `gather` would keep them, and run_mner.py then stops: more predicted rows than rows).
     assert (tmp_path / "one" / "test_predictions.conll").read_text() == (
         tmp_path / "two" / "test_predictions.conll"
     ).read_text()
+
+
+def test_two_process_training_resumed_in_two_legs_equals_a_straight_two_process_run(tmp_path):
+    common = [
+        str(SMOKE),
+        "--num_train_epochs",
+        "2",
+        "--per_device_train_batch_size",
+        "3",
+        "--checkpointing_steps",
+        "epoch",
+    ]  # fmt: skip  (24 tweets / (2 x 3) = 4 steps per epoch)
+    run(*common, "--output_dir", str(tmp_path / "straight"), launcher=TWO_CPU_PROCESSES)
+    run(*common, "--output_dir", str(tmp_path / "legs"), "--max_steps_per_run", "3", launcher=TWO_CPU_PROCESSES)
+    run(*common, "--output_dir", str(tmp_path / "legs"), "--resume_from_checkpoint", "latest",
+        launcher=TWO_CPU_PROCESSES)  # fmt: skip
+    straight = json.loads((tmp_path / "straight" / "results.json").read_text())
+    legs = json.loads((tmp_path / "legs" / "results.json").read_text())
+    assert straight["world_size"] == legs["world_size"] == 2 and legs["resumed_from_step"] == 3
+    expected, actual = (
+        load_file(tmp_path / "straight" / "model.safetensors"),
+        load_file(tmp_path / "legs" / "model.safetensors"),
+    )
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    assert straight["test"] == legs["test"]
 
 
 def test_errors_come_before_any_training(tmp_path, smoke_run):

@@ -60,12 +60,15 @@ def write_corpus(folder, train="IMGID:1\nObama\tB-PER\nspeaks\tO\n\nIMGID:2\nPar
 @pytest.mark.parametrize(
     ("train", "message"),
     [
-        ("IMGID:1\nObama B-PER\n", r"train.txt:2: expected 'token<TAB>label', got 'Obama B-PER'"),
+        (
+            "IMGID:1\nObama B-PER\n",
+            r"train.txt:2: expected 'token<TAB>label' \(2 columns\), got 1 column\(s\): 'Obama B-PER'",
+        ),
         ("Obama\tB-PER\nParis\tB-CITY\n", r"train.txt:2: unknown label 'B-CITY'"),
         ("", r"train.txt: no example in the file"),
         ("\n\n", r"train.txt: no example in the file"),
         ("a\tO\nIMGID:3\nb\tO\n", r"train.txt:2: IMGID line inside an example"),
-        ("\tO\n", r"train.txt:1: expected 'token<TAB>label'"),
+        ("\tO\n", r"train.txt:1: expected 'token<TAB>label', got an empty token"),
     ],
 )
 def test_malformed_files_are_reported_with_file_and_line(tmp_path, train, message):
@@ -112,7 +115,9 @@ def test_images_and_hvpnet_crops_are_found_and_missing_images_counted(tmp_path, 
         ["val", "crops", f"1_pred_yolo_crop_{k}.png"] for k in (0, 1, 2)
     ]
     assert second["image"] is None and second["crops"] == []
-    assert any("1 of 2 examples have no image file" in r.getMessage() for r in caplog.records)
+    assert any(
+        "train split: 1 of 2 images usable" in r.getMessage() and "1 missing" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_read_conll_reads_unlabelled_files(tmp_path):

@@ -46,12 +46,14 @@ def tiny_config(text: dict | None = None, vision: dict | None = None, **override
     )
 
 
-def save_tiny_tokenizer(directory: Path) -> BertTokenizerFast:
-    """A WordPiece tokenizer whose vocabulary spells any ASCII word letter by letter."""
+def save_tiny_tokenizer(directory: Path, model_max_length: int | None = 64) -> BertTokenizerFast:
+    """A WordPiece tokenizer whose vocabulary spells any ASCII word letter by letter (`model_max_length` None:
+    the tokenizer states no limit, as some Hub tokenizers)."""
     directory.mkdir(parents=True, exist_ok=True)
     pieces = list(string.ascii_lowercase + string.digits + string.punctuation)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *pieces, *("##" + p for p in pieces)]
-    tokenizer = BertTokenizerFast(vocab={piece: i for i, piece in enumerate(vocab)}, do_lower_case=True)
+    limit = {} if model_max_length is None else {"model_max_length": model_max_length}
+    tokenizer = BertTokenizerFast(vocab={piece: i for i, piece in enumerate(vocab)}, do_lower_case=True, **limit)
     tokenizer.save_pretrained(directory)
     return tokenizer
 
