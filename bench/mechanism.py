@@ -146,11 +146,19 @@ def render_images(corpus, folder: Path, shuffled: bool) -> Path:
 
 
 def train(name: str, work: Path, images: Path | None, train_size: int | None, **model_flags) -> dict:
-    """One run_mner.py run; returns its results with the wall time and the output folder."""
+    """One run_mner.py run; returns its results with the wall time and the output folder. A run that an
+    earlier invocation finished in `work` is reused (its wall time from `wall_s.json`, when recorded)."""
+    output = work / name
+    if (output / "results.json").is_file():
+        results = json.loads((output / "results.json").read_text())
+        wall = output / "wall_s.json"
+        results["wall_s"] = json.loads(wall.read_text()) if wall.is_file() else None
+        results["output_dir"] = str(output)
+        print(f"{name}: reused from {output}", flush=True)
+        return results
     batches = math.ceil((train_size or 3373) / 16)
     epochs = 1 if train_size is None else math.ceil(100 / batches)  # one epoch of the full set, else >= 100 steps
     eval_steps = max(1, batches * epochs // 2)
-    output = work / name
     flags = [
         "--text_model", str(minilm_folder()), "--vision_model", str(work / "vision"),
         "--data_dir", str(DATA), "--dataset_name", "twitter2017", "--output_dir", str(output),
@@ -168,6 +176,7 @@ def train(name: str, work: Path, images: Path | None, train_size: int | None, **
     start = time.perf_counter()
     results = run_mner.main(flags)
     results["wall_s"] = time.perf_counter() - start
+    (output / "wall_s.json").write_text(json.dumps(results["wall_s"]))
     results["output_dir"] = str(output)
     print(
         f"{name}: test F1 {100 * results['test']['overall']['f1']:.2f} ({results['wall_s'] / 60:.1f} min)", flush=True
@@ -245,7 +254,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--parts", nargs="+", default=["alignment", "samplers", "efficiency", "variants"])
     parser.add_argument("--sizes", nargs="+", default=["50", "100", "200", "400", "full"])
-    parser.add_argument("--variants", nargs="+", default=None, help=f"Some of: {[v.split()[0] for v in VARIANTS]}.")
+    parser.add_argument("--variants", nargs="+", default=None, help=f"Some of: {[v.split(':')[0] for v in VARIANTS]}.")
+    parser.add_argument(
+        "--work_dir",
+        type=Path,
+        default=None,
+        help="Keep images and models here (default: a temporary folder); "
+        "runs already finished there are reused, so an interrupted benchmark resumes.",
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "mechanism.json")
     args = parser.parse_args()
     if not (DATA / "train.txt").is_file():
@@ -259,7 +275,8 @@ def main() -> None:
         args.json.write_text(json.dumps(report, indent=2))
 
     with tempfile.TemporaryDirectory() as folder:
-        work = Path(folder)
+        work = args.work_dir or Path(folder)
+        work.mkdir(parents=True, exist_ok=True)
         tiny_vision(work / "vision")
         corpus = load_mner_dataset(DATA, "twitter2017")
         images = {"matched": render_images(corpus, work / "matched", shuffled=False),
@@ -299,7 +316,7 @@ def main() -> None:
                 save()
         if "variants" in args.parts:
             for label, flags in VARIANTS.items():
-                if args.variants and label.split(" ")[0] not in args.variants:
+                if args.variants and label.split(":")[0] not in args.variants:
                     continue
                 name = "matched-400" if not flags else "variant-" + "-".join(f"{k}={v}" for k, v in flags.items())
                 result = run(name, "matched", 400, **flags)

@@ -177,6 +177,12 @@ def test_full_size_parameter_counts_match_the_paper():
     assert abs(report["text_to_image_generator"] - 7.9e6) / 7.9e6 < 0.03  # paper Sec. 4.5: 7.9M
     # Paper: 11.5M for all textual samplers; 11 DynamicViT-style samplers at d=768 give 10.58M (12 would give 11.54M).
     assert report["text_sampler"] == 11 * 961_730
+    # The exact counts the README states (226.4M to train, 127.5M at inference).
+    assert (report["total"], report["inference"], report["text_to_image_generator"]) == (
+        226_431_000,
+        127_509_186,
+        8_031_488,
+    )
 
 
 def test_save_and_auto_load_round_trip_gives_identical_outputs(tmp_path):
