@@ -712,7 +712,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_split = corpus["train"]
         results["training_images"] = {  # what the training saw, for the card
             "tweets": len(train_split),
-            "with_image": sum(image is not None for image in train_split["image"]),
+            "with_image": results["images"].get("train", {}).get("ok", 0),  # counted by image_report
             "with_crops": sum(len(crops) > 0 for crops in train_split["crops"]),
         }
         if processor.image_problems:  # files that passed the header check but failed to decode (truncated ...)
