@@ -126,10 +126,12 @@ def prepare_split(split_file: Path, split: str, args, detector: Detector) -> dic
             )
     todo = [image_id for image_id in examples if image_id not in done]
     counts = {"tweets": len(examples), "skipped_done": len(examples) - len(todo), "missing": 0, "crops": 0}
-    missing = []
+    missing_file = folder / "missing_images.txt"
+    listed = set(missing_file.read_text(encoding="utf-8").split()) if missing_file.exists() else set()
     progress = tqdm(total=len(todo), desc=f"crops {split}", unit="image")
     for start in range(0, len(todo), args.batch_size):
         batch_ids, images = [], []
+        missing = []
         for image_id in todo[start : start + args.batch_size]:
             image = open_image(Path(args.image_dir, f"{image_id}.jpg"))
             if image is None:
@@ -152,17 +154,18 @@ def prepare_split(split_file: Path, split: str, args, detector: Detector) -> dic
                     if k == args.top_k:
                         break
                 counts["crops"] += k
-        with open(done_file, "a", encoding="utf-8") as handle:  # after the crops: a killed run redoes the batch
+        counts["missing"] += len(missing)
+        # The batch's missing images, then the batch as done, after its crops: a killed run redoes the batch.
+        unlisted = [i for i in missing if i not in listed]
+        if unlisted:
+            with open(missing_file, "a", encoding="utf-8") as handle:
+                handle.write("".join(f"{i}\n" for i in unlisted))
+        with open(done_file, "a", encoding="utf-8") as handle:
             handle.write("".join(f"{i}\n" for i in todo[start : start + args.batch_size]))
         progress.update(len(todo[start : start + args.batch_size]))
     progress.close()
-    counts["missing"] = len(missing)
-    if missing:
-        with open(folder / "missing_images.txt", "a", encoding="utf-8") as handle:
-            handle.write("".join(f"{i}\n" for i in missing))
-        logger.warning(
-            "%s: %d images missing or unreadable (listed in %s)", split, len(missing), folder / "missing_images.txt"
-        )
+    if counts["missing"]:
+        logger.warning("%s: %d images missing or unreadable (listed in %s)", split, counts["missing"], missing_file)
     return counts
 
 

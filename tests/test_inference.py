@@ -164,10 +164,42 @@ def test_prediction_command_reads_text_jsonl_and_conll(saved_model, tmp_path):
         assert len(record["tags"]) == len(split_words(text)[0])
     second = json.loads((tmp_path / "b.jsonl").read_text().splitlines()[1])
     assert second["text"] == "Obama visits Paris" and len(second["tags"]) == 3
-    lines = (tmp_path / "c.conll").read_text().splitlines()
-    source = conll.read_text().splitlines()
-    assert len(lines) == len(source) + 1  # the same examples, a blank line after each
-    assert all(len(line.split("\t")) == 3 for line in lines if line and not line.startswith("IMGID:"))
+    # CoNLL in, CoNLL out: token, gold, and the model's own Viterbi tag for that word, example by example.
+    written = [block.splitlines() for block in (tmp_path / "c.conll").read_text().strip().split("\n\n")]
+    source = [block.splitlines() for block in conll.read_text().strip().split("\n\n")]
+    assert len(written) == len(source)
+    for lines, source_lines in zip(written, source, strict=True):
+        assert lines[0] == source_lines[0] and lines[0].startswith("IMGID:")
+        rows = [line.split("\t") for line in lines[1:]]
+        gold = [line.split("\t") for line in source_lines[1:]]
+        assert [row[:2] for row in rows] == [[token, label.replace("OTHER", "MISC")] for token, label in gold]
+        assert [row[2] for row in rows] == model_tags(model, processor, [token for token, _ in gold])
+
+
+def model_tags(model, processor, words: list[str]) -> list[str]:
+    """The model's tags for one example that fits in one window."""
+    encoding = processor(words=[words])
+    assert len(encoding["input_ids"]) == 1
+    with torch.no_grad():
+        return processor.decode_predictions(model(**encoding).predictions, encoding)[0]
+
+
+def test_prediction_command_splits_a_long_text_into_windows_and_tags_every_word(saved_model, tmp_path):
+    folder, model, processor = saved_model
+    words = " ".join(TWEETS[:3] * 4).split()
+    encoding = processor(words=[words])
+    windows = [row[row >= 0] for row in encoding["word_index"]]  # the words each window holds
+    assert len(windows) >= 3
+    (tmp_path / "long.jsonl").write_text(json.dumps({"tokens": words}) + "\n")
+    assert predict("--model", str(folder), "--input", str(tmp_path / "long.jsonl"),
+                   "--output", str(tmp_path / "long.conll")) is None  # fmt: skip
+    rows = [line.split("\t") for line in (tmp_path / "long.conll").read_text().splitlines() if line]
+    assert [row[0] for row in rows] == words  # every word, once, in order
+    tags = [row[1] for row in rows]
+    bounds = [(window[0].item(), window[-1].item() + 1) for window in windows]
+    assert all(end <= start for (_, end), (start, _) in zip(bounds[:-1], bounds[1:], strict=True))  # in order
+    for start, end in bounds:  # each window's words tagged as the model tags them alone
+        assert tags[start:end] == model_tags(model, processor, words[start:end])
 
 
 @pytest.mark.parametrize(

@@ -171,6 +171,13 @@ def test_inference_masks_equal_an_independently_computed_mask(rule):
         assert mask[row].tolist() == [1.0 if i == 0 or i in kept else 0.0 for i in range(9)], row
         differ |= by_threshold != by_count
     assert differ, "the two rules must disagree somewhere for this test to tell them apart"
+    # The probabilities the rules read are those of keeping: training's Gumbel samples keep each token that often.
+    with torch.no_grad():
+        frequency = sampler.train()(hidden.repeat(2000, 1, 1), valid.repeat(2000, 1), valid.float().repeat(2000, 1))
+    frequency = frequency.view(2000, 3, 9).mean(0)
+    candidates = valid.clone()
+    candidates[:, 0] = False
+    torch.testing.assert_close(frequency[candidates], probability[candidates], atol=0.04, rtol=0.0)
 
 
 def test_training_masks_are_hard_and_keep_the_first_token_and_no_padding():

@@ -15,6 +15,7 @@ from modeling_bga_mner import (
     BgaMnerForTokenClassification,
     LinearChainCrf,
     StageRefinedContextSampler,
+    token_kl,
 )
 
 
@@ -102,6 +103,84 @@ def test_pairs_without_an_image_add_no_generation_loss():
     no_image = model(**random_batch(config, images=[False, False, False]))
     assert no_image.generation_loss.item() == 0.0 and torch.isfinite(no_image.loss)
     assert model(**text_only(batch)).generation_loss.item() == 0.0
+
+
+def test_token_kl_is_the_kl_of_the_generated_from_the_real_features_summed_or_averaged_over_sampled_tokens():
+    torch.manual_seed(0)
+    real, generated = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    p, q = real.softmax(-1), generated.softmax(-1)  # over channels, per token
+    by_hand = (p * (p.log() - q.log())).sum(-1)  # KL(p_real || q_generated), (2, 3)
+    expected_sum = torch.stack([by_hand[0, 0] + by_hand[0, 2], by_hand[1].sum()])
+    torch.testing.assert_close(token_kl(real, generated, mask, "sum"), expected_sum)
+    torch.testing.assert_close(token_kl(real, generated, mask, "mean"), expected_sum / torch.tensor([2.0, 3.0]))
+    reverse = (q * (q.log() - p.log())).sum(-1)
+    assert not torch.allclose(token_kl(real, generated, mask, "sum"), (reverse * mask).sum(1))  # KL is one-way
+
+
+def test_the_loss_is_crf_plus_alpha_times_generation_plus_the_keep_ratio_term():
+    config = tiny_config(alpha=0.3, keep_ratio_weight=0.7)
+    torch.manual_seed(0)
+    out = BgaMnerForTokenClassification(config).train()(**random_batch(config, images=[True, False, True]))
+    assert out.reconstruction_loss > 0 and out.cycle_loss > 0 and out.keep_ratio_loss > 0  # Eq. (5), (7)
+    torch.testing.assert_close(out.generation_loss, out.reconstruction_loss + out.cycle_loss)
+    torch.testing.assert_close(out.loss, out.crf_loss + 0.3 * out.generation_loss + 0.7 * out.keep_ratio_loss)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detached_targets_let_the_generation_losses_train_only_the_generators(detach):
+    # The generators' cross-attention values are zeroed, so generated tokens do not depend on their source:
+    # the only way from the generation losses back into the towers is then through the real features they
+    # are compared with, which detaching cuts. Without samplers no mask carries gradient either.
+    config = tiny_config(use_sampler=False, detach_generation_targets=detach)
+    torch.manual_seed(0)
+    model = BgaMnerForTokenClassification(config).train()
+    with torch.no_grad():
+        for generator in (model.generator.text_to_image, model.generator.image_to_text):
+            generator.cross_attention.value.weight.zero_()
+            generator.cross_attention.value.bias.zero_()
+    out = model(**random_batch(config))
+    assert out.generation_loss > 0
+    out.generation_loss.backward()
+    towers = [model.text_embeddings, model.text_first_layer, model.vision_embeddings, model.vision_first_layer]
+    tower_gradient = sum(p.grad.abs().sum().item() for m in towers for p in m.parameters() if p.grad is not None)
+    generator_gradient = sum(p.grad.abs().sum().item() for p in model.generator.parameters() if p.grad is not None)
+    assert generator_gradient > 0
+    assert (tower_gradient == 0.0) if detach else (tower_gradient > 0.0)
+
+
+def test_without_cycle_the_cycle_loss_is_zero_and_without_samplers_every_token_is_kept():
+    config = tiny_config(use_cycle=False)
+    torch.manual_seed(0)
+    out = BgaMnerForTokenClassification(config).train()(**random_batch(config))
+    assert out.cycle_loss.item() == 0.0 and out.layer_cycle_loss.tolist() == [0.0, 0.0]
+    assert out.reconstruction_loss > 0 and out.generation_loss == out.reconstruction_loss
+
+    config = tiny_config(use_sampler=False)
+    batch = random_batch(config, images=[True, False, True])
+    for mode in ("train", "eval"):
+        torch.manual_seed(0)
+        model = getattr(BgaMnerForTokenClassification(config), mode)()
+        out = model(**batch, output_sampler_masks=True)
+        for mask in out.text_sampler_masks:
+            assert torch.equal(mask, batch["attention_mask"].float())
+        if mode == "train":
+            slots = batch["pixel_mask"][[0, 2]].repeat_interleave(config.tokens_per_image, dim=1)
+            assert all(torch.equal(mask, slots.float()) for mask in out.visual_sampler_masks)
+            assert out.keep_ratio_loss.item() == 0.0
+
+
+def test_real_visual_features_at_inference_fall_back_to_generated_ones_for_a_tweet_without_an_image():
+    config = tiny_config(inference_visual="generated")
+    torch.manual_seed(0)
+    model = BgaMnerForTokenClassification(config).eval()
+    batch = random_batch(config, batch=2, images=[True, False])
+    with torch.no_grad():
+        generated = model(**batch).logits
+        model.config.inference_visual = "real"  # Table 4's setting, on the same weights
+        real = model(**batch).logits
+    torch.testing.assert_close(real[1], generated[1], atol=0.0, rtol=0.0)  # no image: the generated features
+    assert (real[0] - generated[0]).abs().max() > 1e-5  # with an image: the image's own features are read
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

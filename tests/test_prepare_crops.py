@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import string
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -105,3 +109,67 @@ def test_image_ids_that_would_leave_the_output_folder_are_refused(detector, tmp_
         main(["--data_dir", str(corpus), "--image_dir", str(images), "--output_dir", str(output),
               "--detector", str(detector)])  # fmt: skip
     assert not [p for p in tmp_path.rglob("*escaped*") if p.parent != images]
+
+
+KILL_AT_FIFTH_SAVE = """
+import os, sys
+from PIL import Image
+saves, save = [], Image.Image.save
+def save_or_die(self, path, *args, **kwargs):
+    saves.append(path)
+    if len(saves) == 5:  # killed while writing the fifth crop: half a file is left behind
+        with open(path, "wb") as handle:
+            handle.write(b"\\x89PNG\\r\\n")
+        os._exit(137)
+    return save(self, path, *args, **kwargs)
+Image.Image.save = save_or_die
+sys.path.insert(0, {root!r})
+import prepare_crops
+prepare_crops.main(sys.argv[1:])
+"""
+
+
+def test_a_run_killed_in_the_middle_of_a_split_resumes_to_the_same_crops_of_non_square_images(detector, tmp_path):
+    # Wide and tall images. OWLv2 sees them padded to a square; the tiny detector's boxes are its prior boxes: on a
+    # 4 x 4 grid over the square, a quarter of its side, centred on the grid's corners (k + 1) / 4. So every crop
+    # must be one of those 16 x 16 cells of the 64-pixel square, cut at the image's border.
+    rng = np.random.default_rng(0)
+    corpus, images = tmp_path / "corpus", tmp_path / "images"
+    corpus.mkdir(), images.mkdir()
+    sizes = {"1": (64, 32), "2": None, "3": (32, 64), "4": (64, 32), "5": (32, 64)}  # "2": no image
+    for image_id, size in sizes.items():
+        if size is not None:
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(images / f"{image_id}.jpg", format="PNG")  # lossless noise
+    (corpus / "train.txt").write_text("".join(f"IMGID:{i}\nParis\tB-LOC\nHilton\tB-PER\n\n" for i in sizes))
+
+    def args(output: Path) -> list[str]:
+        paths = ["--data_dir", str(corpus), "--image_dir", str(images), "--output_dir", str(output)]
+        return [*paths, "--detector", str(detector), "--top_k", "2", "--score_threshold", "-1", "--batch_size", "2"]
+
+    main(args(tmp_path / "straight"))
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_AT_FIFTH_SAVE.format(root=str(CORPUS.parents[2])))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run([sys.executable, str(script), *args(tmp_path / "resumed")], env=env, capture_output=True)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    folder = tmp_path / "resumed" / "train"
+    assert (folder / "done.txt").read_text().split() == ["1", "2"]  # the first batch; the second was cut short
+    assert (folder / "crops" / "3_pred_yolo_crop_0.png").exists()  # ... after its first crops were written
+    resumed = main(args(tmp_path / "resumed"))
+    assert resumed["train"]["skipped_done"] == 2 and resumed["train"]["crops"] == 6
+
+    straight = tmp_path / "straight" / "train"
+    names = sorted(p.name for p in (straight / "crops").iterdir())
+    assert names == sorted(f"{i}_pred_yolo_crop_{k}.png" for i in ("1", "3", "4", "5") for k in (0, 1))
+    assert sorted(p.name for p in (folder / "crops").iterdir()) == names
+    for name in names:  # the resumed run's crops are the straight run's, byte for byte
+        assert (folder / "crops" / name).read_bytes() == (straight / "crops" / name).read_bytes(), name
+    assert (folder / "missing_images.txt").read_text() == (straight / "missing_images.txt").read_text() == "2\n"
+    assert sorted((folder / "done.txt").read_text().split()) == sorted(sizes)
+
+    for name in names:
+        image = np.asarray(Image.open(images / f"{name.split('_')[0]}.jpg"))
+        crop = np.asarray(Image.open(straight / "crops" / name))
+        cells = [image[y : y + 16, x : x + 16] for y in range(8, 64, 16) for x in range(8, 64, 16)]
+        assert any(np.array_equal(crop, cell) for cell in cells if cell.size), name

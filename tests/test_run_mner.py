@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForTokenClassification, AutoProcessor
 
-from run_mner import parse_arguments
+from run_mner import compute_metrics, parse_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -50,7 +50,8 @@ def run(
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("smoke") / "model"
-    run(str(SMOKE), "--output_dir", str(output))
+    result = run(str(SMOKE), "--output_dir", str(output))
+    (output.parent / "training.log").write_text(result.stderr)
     return output
 
 
@@ -62,7 +63,12 @@ def test_smoke_configuration_trains_and_leaves_a_loadable_model_repository(smoke
     # The saved model is the best one by dev F1: evaluating it again gives the best dev F1 seen in training.
     best = json.loads((smoke_run / "checkpoints" / "best" / "best.json").read_text())
     assert best["step"] == results["best_step"] and best["f1"] == results["validation"]["overall"]["f1"]
-    assert 0.0 <= results["test"]["overall"]["f1"] <= 1.0
+    # ... and it is the first evaluation with the highest dev F1 of the run, which is not the last one here.
+    logged = re.findall(r"step (\d+): dev F1 (\d+\.\d+)", (smoke_run.parent / "training.log").read_text())
+    scores = {int(step): float(f1) for step, f1 in logged}
+    assert len(scores) == 15 and max(scores.values()) > 0
+    assert results["best_step"] == min(s for s in scores if scores[s] == max(scores.values()))
+    assert round(100 * best["f1"], 2) == max(scores.values())
     # The mechanism at the end of training, per BGA layer (the smoke model has 2): no sampler has collapsed
     # onto the always-kept token, and the generation losses were active (the smoke corpus has images).
     mechanism = results["mechanism"]
@@ -228,3 +234,29 @@ def test_the_mechanism_log_averages_per_layer_and_warns_when_a_sampler_keeps_onl
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "BGA layer 2: the text sampler keeps nothing but" in warnings[0]
     assert log.summary() == {"keep_t": "0.40/0.00", "keep_v": "0.40/-"}
+
+
+def test_metrics_are_conlleval_entity_scores_with_orphan_inside_tags_starting_entities():
+    gold = [
+        ["B-PER", "I-PER", "O", "B-LOC"],  # PER(0-1) LOC(3)
+        ["I-ORG", "I-ORG", "O", "B-MISC"],  # an orphan I- starts an entity: ORG(0-1), MISC(3)
+        ["B-PER", "O", "B-ORG", "I-ORG"],  # PER(0) ORG(2-3)
+        ["B-LOC", "I-PER"],  # a type change starts an entity: LOC(0) PER(1)
+    ]
+    predicted = [
+        ["B-PER", "I-PER", "O", "I-LOC"],  # PER(0-1) right, orphan LOC(3) right
+        ["B-ORG", "I-ORG", "O", "O"],  # ORG(0-1) right, MISC missed
+        ["B-PER", "B-PER", "B-ORG", "O"],  # PER(0) right, PER(1) wrong, ORG(2) wrong boundary
+        ["B-LOC", "I-LOC"],  # LOC(0-1) wrong
+    ]
+    # By hand: gold PER 3, LOC 2, ORG 2, MISC 1; predicted PER 3, LOC 2, ORG 2; right PER 2, LOC 1, ORG 1.
+    metrics = compute_metrics(gold, predicted)
+    expected = {
+        "PER": (2 / 3, 2 / 3, 2 / 3, 3),
+        "LOC": (1 / 2, 1 / 2, 1 / 2, 2),
+        "ORG": (1 / 2, 1 / 2, 1 / 2, 2),
+        "MISC": (0.0, 0.0, 0.0, 1),
+    }
+    for kind, (precision, recall, f1, support) in expected.items():
+        assert metrics[kind] == pytest.approx({"precision": precision, "recall": recall, "f1": f1, "support": support})
+    assert metrics["overall"] == pytest.approx({"precision": 4 / 7, "recall": 4 / 8, "f1": 8 / 15})
