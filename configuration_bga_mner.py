@@ -7,12 +7,25 @@ choices that the paper leaves open are fields here, each with its documented def
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
-from transformers import BertConfig, CLIPVisionConfig, PretrainedConfig
+from transformers import AutoConfig, CLIPVisionConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
-# The one label list of the project: BIO over the four MNER types (Twitter2015's OTHER is read as MISC).
-MNER_LABELS: tuple[str, ...] = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC")
+# The label list of Twitter2015 / Twitter2017 (and the default): BIO over the four MNER types (Twitter2015's
+# OTHER is read as MISC). Other corpora bring their own types (`bio_labels`).
+MNER_TYPES: tuple[str, ...] = ("PER", "LOC", "ORG", "MISC")
+# Text towers by `model_type`: BERT and the RoBERTa family (BERTweet's config is a RoBERTa one).
+TEXT_MODEL_TYPES: tuple[str, ...] = ("bert", "roberta", "xlm-roberta")
+
+
+def bio_labels(types: Sequence[str]) -> tuple[str, ...]:
+    """The BIO label list over entity types, in their order: ("O", "B-T1", "I-T1", "B-T2", ...)."""
+    return ("O", *(f"{prefix}-{kind}" for kind in types for prefix in ("B", "I")))
+
+
+MNER_LABELS: tuple[str, ...] = bio_labels(MNER_TYPES)
 
 # Images with more pixels than this (by their header) are treated as missing: a tiny file can claim 11000 x 11000
 # pixels and cost seconds and gigabytes to decode. The largest Twitter images are 4096 x 4096 (16.8M).
@@ -30,12 +43,14 @@ class BgaMnerConfig(PretrainedConfig):
     r"""Configuration for [`BgaMnerForTokenClassification`].
 
     Args:
-        text_config (`BertConfig` or `dict`): the BERT-family text encoder (BERT-base uncased in the paper).
+        text_config (`PretrainedConfig` or `dict`): the text encoder, a BERT (BERT-base uncased in the paper),
+            RoBERTa, XLM-RoBERTa or BERTweet (`model_type` "bert", "roberta" or "xlm-roberta").
         vision_config (`CLIPVisionConfig` or `dict`): the CLIP vision tower (ViT-B/32 in the paper).
-        num_bga_layers (`int`, *optional*): number N of BGA layers. Layer 0 of each tower is a plain
-            Transformer layer; layers 1..N are BGA layers. Defaults to all text layers but the first
-            (11 for BERT-base). The visual branch uses ViT layers 0..N-1: the last BGA layer's visual
-            extractor is left out, as nothing reads its output.
+        num_bga_layers (`int`, *optional*): number N of BGA layers. They are the top N text layers; the text
+            layers below them stay plain Transformer layers (only layer 0 for BERT-base, as in the paper). The
+            visual branch uses ViT layers 0..N-1: layer 0 plain, layers 1..N-1 as the visual extractors of BGA
+            layers 1..N-1 (the last BGA layer's is left out, as nothing reads its output). Defaults to the most
+            both towers allow: min(text layers - 1, ViT layers), 11 for BERT-base with ViT-B/32.
         num_object_crops (`int`, defaults to 3): object crops per image besides the global image, so the
             visual sequence has `(1 + num_object_crops) * tokens_per_image` tokens (200 for ViT-B/32).
         max_text_length (`int`, defaults to 128): the longest text (in sub-words), and so the number of
@@ -75,9 +90,12 @@ class BgaMnerConfig(PretrainedConfig):
     """
 
     model_type = "bga_mner"
-    sub_configs_defaults = {"text_config": BertConfig, "vision_config": CLIPVisionConfig}
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),  # the family from `model_type`
+        "vision_config": CLIPVisionConfig,
+    }
 
-    text_config: BertConfig | dict | None = None
+    text_config: PretrainedConfig | dict | None = None
     vision_config: CLIPVisionConfig | dict | None = None
     num_bga_layers: int | None = None
     num_object_crops: int = 3
@@ -106,16 +124,21 @@ class BgaMnerConfig(PretrainedConfig):
             self.id2label = dict(enumerate(MNER_LABELS))
             self.label2id = {label: i for i, label in enumerate(MNER_LABELS)}
         super().__post_init__(**kwargs)
-        # The text branch uses text layers 0..N; the visual branch ViT layers 0..N-1 (the last BGA layer's
-        # visual extractor would feed nothing: no loss or head reads the visual branch's final output).
-        max_layers = min(self.text_config.num_hidden_layers - 1, self.vision_config.num_hidden_layers)
+        if self.text_config.model_type not in TEXT_MODEL_TYPES:
+            raise ValueError(
+                f"Text models of type {self.text_config.model_type!r} are not supported; supported: BERT, RoBERTa, "
+                f"XLM-RoBERTa and BERTweet (model_type {', '.join(TEXT_MODEL_TYPES)})."
+            )
+        # BGA layers on the top N text layers, over at least one plain text layer; the visual branch uses ViT
+        # layers 0..N-1 (the last BGA layer's visual extractor would feed nothing).
+        text_layers, vision_layers = self.text_config.num_hidden_layers, self.vision_config.num_hidden_layers
+        max_layers = min(text_layers - 1, vision_layers)
         if self.num_bga_layers is None:
-            self.num_bga_layers = self.text_config.num_hidden_layers - 1
+            self.num_bga_layers = max_layers
         if not 1 <= self.num_bga_layers <= max_layers:
             raise ValueError(
-                f"num_bga_layers={self.num_bga_layers} needs text layers 0..N and ViT layers 0..N-1; the text tower "
-                f"has {self.text_config.num_hidden_layers} and the vision tower {self.vision_config.num_hidden_layers} "
-                f"layers, so N is between 1 and {max_layers}."
+                f"num_bga_layers={self.num_bga_layers} needs N + 1 text layers and N ViT layers; the text tower "
+                f"has {text_layers} and the vision tower {vision_layers} layers, so N is between 1 and {max_layers}."
             )
         for name, allowed in (
             ("inference_visual", ("generated", "real")),
@@ -133,6 +156,11 @@ class BgaMnerConfig(PretrainedConfig):
             raise ValueError("A text_only model has no visual branch: inference_visual must be 'generated'.")
         if self.num_object_crops < 0:
             raise ValueError(f"num_object_crops must be >= 0, got {self.num_object_crops}.")
+
+    @property
+    def num_plain_text_layers(self) -> int:
+        """The text layers below the BGA layers (1 for BERT-base with N = 11: layer 0)."""
+        return self.text_config.num_hidden_layers - self.num_bga_layers
 
     @property
     def tokens_per_image(self) -> int:

@@ -20,18 +20,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchcrf import CRF
-from transformers import BertModel, CLIPVisionModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings
+from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
+from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbeddings
 from transformers.utils import ModelOutput
 from transformers.utils import logging as hf_logging
 
 try:  # as a package (tests, scripts) or as the Hub's dynamic module
-    from .configuration_bga_mner import BgaMnerConfig
+    from .configuration_bga_mner import TEXT_MODEL_TYPES, BgaMnerConfig
     from .pipeline_bga_mner import BgaMnerTokenClassificationPipeline  # noqa: F401 (saved beside the model)
 except ImportError:
-    from configuration_bga_mner import BgaMnerConfig
+    from configuration_bga_mner import TEXT_MODEL_TYPES, BgaMnerConfig
+
+# The text tower's embeddings by family (RoBERTa's positions start after the padding index). The layers need no
+# such table: transformers defines RoBERTa's and XLM-R's layer as BERT's (`class RobertaLayer(BertLayer)` in
+# modular_roberta.py), so `TextualFeatureExtractor` is each family's layer.
+TEXT_EMBEDDINGS = {"bert": BertEmbeddings, "roberta": RobertaEmbeddings, "xlm-roberta": XLMRobertaEmbeddings}
+assert set(TEXT_EMBEDDINGS) == set(TEXT_MODEL_TYPES)
 
 
 def hybrid_attention(
@@ -67,9 +75,9 @@ def _concat_tokens(
 
 
 class TextualFeatureExtractor(BertLayer):
-    """BERT layer l with hybrid attention, Eq. (8): queries from the text T, keys and values from
-    [T ; V_hat] through the same W_K, W_V; then BERT's feed-forward block. Its weights are the
-    pretrained BERT layer's, unchanged. Without extra tokens it is the plain BERT layer (layer 0)."""
+    """Text layer l (BERT / RoBERTa family) with hybrid attention, Eq. (8): queries from the text T, keys and
+    values from [T ; V_hat] through the same W_K, W_V; then the layer's feed-forward block. Its weights are the
+    pretrained layer's, unchanged. Without extra tokens it is the plain layer (the layers below the BGA layers)."""
 
     def forward(
         self,
@@ -550,7 +558,7 @@ class BgaMnerPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.text_config.initializer_range
-        if isinstance(module, BertEmbeddings):
+        if isinstance(module, tuple(TEXT_EMBEDDINGS.values())):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
             init.zeros_(module.token_type_ids)
         elif isinstance(module, CLIPVisionEmbeddings):
@@ -566,9 +574,10 @@ class BgaMnerPreTrainedModel(PreTrainedModel):
 class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
     """BGA-MNER (Fig. 2): embeddings, layer 0 of each tower, N BGA layers, and a CRF.
 
-    Layer 0 of each branch is the plain pretrained layer (BERT / ViT layer 0); BGA layer l (1..N) holds the
-    samplers and the pretrained text / ViT layer l as feature extractors; the Multi-level Cross-modal Generator
-    is shared by all BGA layers. With `use_generation=False` only BERT + linear + CRF exists.
+    The text layers below the BGA layers stay plain (BERT-base: layer 0) and ViT layer 0 is plain; BGA layer l
+    (1..N) holds the samplers and the next pretrained text layer and ViT layer l as feature extractors; the
+    Multi-level Cross-modal Generator is shared by all BGA layers. With `use_generation=False` only the text
+    encoder + linear + CRF exists.
     """
 
     def __init__(self, config: BgaMnerConfig):
@@ -576,8 +585,10 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
         text_cfg, vision_cfg = config.text_config, config.vision_config
         n = config.num_bga_layers
 
-        self.text_embeddings = BertEmbeddings(text_cfg)
-        self.text_first_layer = TextualFeatureExtractor(text_cfg)
+        self.text_embeddings = TEXT_EMBEDDINGS[text_cfg.model_type](text_cfg)
+        self.text_plain_layers = nn.ModuleList(
+            TextualFeatureExtractor(text_cfg) for _ in range(config.num_plain_text_layers)
+        )
         if config.use_generation and not config.text_only:  # what runs only with images, in training
             self.vision_embeddings = CLIPVisionEmbeddings(vision_cfg)
             self.vision_pre_layernorm = nn.LayerNorm(vision_cfg.hidden_size, eps=vision_cfg.layer_norm_eps)
@@ -598,11 +609,17 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
     def from_text_vision_pretrained(
         cls, text_name_or_path: str, vision_name_or_path: str | None = None, **config_kwargs
     ) -> BgaMnerForTokenClassification:
-        """Builds BGA-MNER from a pretrained BERT-family model and a pretrained CLIP (or CLIP-vision)
-        model, by Hub id or local path. Every used BERT / ViT weight lands in its place; the samplers,
-        generators, classifier and CRF are new. `config_kwargs` go to [`BgaMnerConfig`] (e.g. `id2label`).
-        `vision_name_or_path` may be omitted only with `use_generation=False`."""
-        text_model = _load_tower(BertModel, text_name_or_path, add_pooling_layer=False)
+        """Builds BGA-MNER from a pretrained text model (BERT, RoBERTa, XLM-RoBERTa, BERTweet) and a pretrained
+        CLIP (or CLIP-vision) model, by Hub id or local path. Every used text / ViT weight lands in its place; the
+        samplers, generators, classifier and CRF are new. `config_kwargs` go to [`BgaMnerConfig`] (e.g.
+        `id2label`). `vision_name_or_path` may be omitted only with `use_generation=False`."""
+        model_type = AutoConfig.from_pretrained(text_name_or_path).model_type
+        if model_type not in TEXT_MODEL_TYPES:
+            raise ValueError(
+                f"{text_name_or_path} is a {model_type!r} model; supported text models: BERT, RoBERTa, XLM-RoBERTa "
+                f"and BERTweet (model_type {', '.join(TEXT_MODEL_TYPES)})."
+            )
+        text_model = _load_tower(AutoModel, text_name_or_path, add_pooling_layer=False)
         vision_model = None if vision_name_or_path is None else _load_tower(CLIPVisionModel, vision_name_or_path)
         if vision_model is None and config_kwargs.get("use_generation", True):
             raise ValueError("A vision model is needed unless use_generation=False.")
@@ -613,9 +630,9 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
         )
         model = cls(config)
         model.text_embeddings.load_state_dict(text_model.embeddings.state_dict())
-        model.text_first_layer.load_state_dict(text_model.encoder.layer[0].state_dict())
-        for index, layer in enumerate(model.bga_layers, start=1):
-            layer.text_extractor.load_state_dict(text_model.encoder.layer[index].state_dict())
+        text_layers = [*model.text_plain_layers, *(layer.text_extractor for layer in model.bga_layers)]
+        for ours, pretrained in zip(text_layers, text_model.encoder.layer, strict=True):
+            ours.load_state_dict(pretrained.state_dict())
         if config.use_generation:
             vit = vision_model.vision_model if hasattr(vision_model, "vision_model") else vision_model
             model.vision_embeddings.load_state_dict(vit.embeddings.state_dict())
@@ -629,7 +646,7 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
         """Parameter counts by part. `inference` is what runs on text alone (the paper's 130.3M for
         BERT-base: text branch, text samplers, G_t2v, classifier and CRF)."""
         parts = {
-            "text_branch": ("text_embeddings.", "text_first_layer.", ".text_extractor."),
+            "text_branch": ("text_embeddings.", "text_plain_layers.", ".text_extractor."),
             "vision_branch": (
                 "vision_embeddings.",
                 "vision_pre_layernorm.",
@@ -696,7 +713,8 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         text_valid = attention_mask.bool()
         text = self.text_embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        text = self.text_first_layer(text, text_valid)  # layer 0
+        for layer in self.text_plain_layers:  # layer 0 (and the layers below the BGA layers of a deeper tower)
+            text = layer(text, text_valid)
         visual = self._visual_tokens(pixel_values, pixel_mask)  # ViT layer 0, for the examples with an image
 
         layers = []
@@ -819,7 +837,7 @@ def _load_tower(model_class: type[PreTrainedModel], name_or_path: str, **kwargs)
     if info["missing_keys"] or info["mismatched_keys"]:
         problems = sorted(info["missing_keys"]) + [str(key) for key in info["mismatched_keys"]]
         raise ValueError(
-            f"{name_or_path} is not a {model_class.__name__} checkpoint: weights missing ({problems[:3]})."
+            f"{name_or_path} is not a complete {type(model).__name__} checkpoint: weights missing ({problems[:3]})."
         )
     return model
 

@@ -11,19 +11,18 @@ per word of an entity. Every `score` is the CRF's posterior probability of the w
 
 from __future__ import annotations
 
-from bisect import bisect_right
-
 import numpy as np
 import torch
 from transformers import TokenClassificationPipeline
 from transformers.pipelines.token_classification import AggregationStrategy
 
 try:  # as a package (tests, scripts) or as the Hub's dynamic module
-    from .processing_bga_mner import entities_from_tags, join_words, split_words
+    from .processing_bga_mner import encode_windows, entities_from_tags, join_words, split_words
 except ImportError:
-    from processing_bga_mner import entities_from_tags, join_words, split_words
+    from processing_bga_mner import encode_windows, entities_from_tags, join_words, split_words
 
-BOOKKEEPING = ("special_tokens_mask", "offset_mapping", "sentence", "is_last", "word_ids", "word_to_chars_map")
+BOOKKEEPING = ("sentence", "is_last", "word_spans", "token_words")
+SUBWORD_STRATEGIES = {AggregationStrategy.FIRST, AggregationStrategy.AVERAGE, AggregationStrategy.MAX}
 
 
 class BgaMnerTokenClassificationPipeline(TokenClassificationPipeline):
@@ -31,47 +30,53 @@ class BgaMnerTokenClassificationPipeline(TokenClassificationPipeline):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # A tokenizer without a model_max_length would let a long text overflow the position embeddings:
-        # truncate at the model's own limit instead (give `stride` to read long texts in windows).
-        limit = self.model.config.text_config.max_position_embeddings
-        if self.tokenizer.model_max_length > limit:
-            self.tokenizer.model_max_length = limit
+        # Windows as in training (the processor's max_length, saved as max_text_length), within the positions
+        # of the text tower (RoBERTa's first position is padding_idx + 1).
+        text_config = self.model.config.text_config
+        positions = text_config.max_position_embeddings
+        if text_config.model_type in ("roberta", "xlm-roberta"):
+            positions -= text_config.pad_token_id + 1
+        self.max_length = min(self.model.config.max_text_length, positions)
+
+    def _sanitize_parameters(self, aggregation_strategy=None, stride=None, **kwargs):
+        # Words are labelled at their first sub-word, so the sub-word strategies all equal "simple" (also with a
+        # Python tokenizer, which the parent refuses them for). Long texts are always read in windows at word
+        # boundaries: `stride` is accepted and not needed.
+        if isinstance(aggregation_strategy, str):
+            aggregation_strategy = AggregationStrategy[aggregation_strategy.upper()]
+        if aggregation_strategy in SUBWORD_STRATEGIES:
+            aggregation_strategy = AggregationStrategy.SIMPLE
+        return super()._sanitize_parameters(aggregation_strategy=aggregation_strategy, **kwargs)
 
     def preprocess(self, sentence, offset_mapping=None, **preprocess_params):
-        if isinstance(sentence, str):
-            spans = split_words(sentence)[1]
-        else:  # is_split_into_words=True: the words as given, joined by the delimiter
-            spans = join_words(sentence, preprocess_params["delimiter"])[1]
-        for model_inputs in super().preprocess(sentence, offset_mapping, **preprocess_params):
-            token_words = self._token_words(model_inputs, spans)
-            model_inputs["word_spans"] = spans
-            model_inputs["token_words"] = token_words
-            model_inputs["prediction_mask"] = torch.tensor([[word >= 0 for word in token_words]])
-            yield model_inputs
-
-    @staticmethod
-    def _token_words(model_inputs: dict, spans: list[tuple[int, int]]) -> list[int]:
-        """Per token, the index of the word it starts (its first sub-word), else -1."""
-        special = model_inputs["special_tokens_mask"][0].tolist()
-        if "word_ids" in model_inputs:
-            owners = model_inputs["word_ids"]
+        """The white-space words of `sentence` (or the given words, joined by the delimiter), encoded as the
+        processor does: windows of whole words, the CRF reading each word's first sub-word. Character spans come
+        from the words, so no tokenizer offsets are needed (BERTweet's Python tokenizer has none)."""
+        if preprocess_params.get("is_split_into_words"):
+            if not isinstance(sentence, (list, tuple)):
+                raise ValueError("When `is_split_into_words=True`, `sentence` must be a list of words.")
+            words = [str(word) for word in sentence]
+            sentence, spans = join_words(words, preprocess_params["delimiter"])
         else:
-            starts = [start for start, _ in spans]
-            owners = []
-            for (start, end), is_special in zip(model_inputs["offset_mapping"][0].tolist(), special, strict=True):
-                word = bisect_right(starts, start) - 1
-                owners.append(word if not is_special and end > start and word >= 0 and start < spans[word][1] else None)
-        seen, token_words = set(), []
-        for owner, is_special in zip(owners, special, strict=True):
-            first = owner is not None and not is_special and owner not in seen
-            seen.add(owner)
-            token_words.append(owner if first else -1)
-        return token_words
+            if not isinstance(sentence, str):
+                raise ValueError("When `is_split_into_words=False`, `sentence` must be a string.")
+            words, spans = split_words(sentence)
+        windows = encode_windows(self.tokenizer, [words], self.max_length)
+        for i, window in enumerate(windows):
+            input_ids = torch.tensor([window.input_ids])
+            token_words = window.word_index()
+            yield {
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+                "prediction_mask": torch.tensor([[word >= 0 for word in token_words]]),
+                "token_words": token_words,
+                "word_spans": spans,
+                "sentence": sentence,
+                "is_last": i == len(windows) - 1,
+            }
 
     def _forward(self, model_inputs):
-        kept = {
-            key: model_inputs.pop(key) for key in (*BOOKKEEPING, "word_spans", "token_words") if key in model_inputs
-        }
+        kept = {key: model_inputs.pop(key) for key in BOOKKEEPING if key in model_inputs}
         output = self.model(**model_inputs, output_marginals=True)
         return {"predictions": output.predictions, "marginals": output.marginals, **kept, **model_inputs}
 

@@ -14,11 +14,12 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from transformers import BatchFeature, ProcessorMixin
+from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
 
 try:  # as a package (tests, scripts) or as the Hub's dynamic module
     from .configuration_bga_mner import MAX_IMAGE_PIXELS, MNER_LABELS
@@ -86,12 +87,97 @@ def entities_from_tags(
     return [{key: e[key] for key in ("text", "type", "start", "end", "score")} for e in entities]
 
 
+@dataclass
+class Window:
+    """The sub-words of consecutive words of one example, special tokens included. `word_ids`: per token,
+    the word (counted from `start`) it belongs to, None for special tokens."""
+
+    example: int
+    start: int
+    input_ids: list[int]
+    word_ids: list[int | None]
+
+    def first_subwords(self) -> list[bool]:
+        """Per token, whether it is the first sub-word of its word."""
+        ids = self.word_ids
+        return [w is not None and (i == 0 or ids[i - 1] != w) for i, w in enumerate(ids)]
+
+    def word_index(self) -> list[int]:
+        """Per token, the word of the example that starts there, else -1."""
+        return [self.start + w if f else -1 for w, f in zip(self.word_ids, self.first_subwords(), strict=True)]
+
+
+def encode_windows(tokenizer, words: list[list[str]], max_length: int) -> list[Window]:
+    """Tokenizes pre-split words, splitting each example at word boundaries into windows of at most
+    `max_length` tokens (special tokens included); a word longer than a window keeps its first sub-words.
+
+    Fast tokenizers encode the words with `is_split_into_words` (byte-level BPE ones, RoBERTa's, need
+    `add_prefix_space=True`, so that every word is read as if a space came before it, as inside a sentence).
+    Python tokenizers, which have no word ids (BERTweet's), encode word by word, and their special tokens
+    are added around each window."""
+    budget = max_length - tokenizer.num_special_tokens_to_add()
+    if tokenizer.is_fast:
+        counts = tokenizer(words, is_split_into_words=True, add_special_tokens=False)
+        per_word = [Counter(i for i in counts.word_ids(e) if i is not None) for e in range(len(words))]
+        lengths = [[per_word[e][i] for i in range(len(example))] for e, example in enumerate(words)]
+    else:
+        pieces = [tokenizer(example, add_special_tokens=False)["input_ids"] if example else [] for example in words]
+        lengths = [[len(p) for p in example] for example in pieces]
+    spans = []  # (example, first word, end word)
+    for example, example_lengths in enumerate(lengths):
+        start, used = 0, 0
+        for i, n in enumerate(example_lengths):
+            if used + n > budget and i > start:
+                spans.append((example, start, i))
+                start, used = i, 0
+            used += n
+        spans.append((example, start, len(example_lengths)))
+    if tokenizer.is_fast:
+        encoded = tokenizer(
+            [words[e][s:t] for e, s, t in spans], is_split_into_words=True, truncation=True, max_length=max_length
+        )
+        return [Window(e, s, encoded["input_ids"][row], encoded.word_ids(row)) for row, (e, s, _) in enumerate(spans)]
+    windows = []
+    for e, s, t in spans:
+        ids = [i for piece in pieces[e][s:t] for i in piece][:budget]
+        owners = [w for w, piece in enumerate(pieces[e][s:t]) for _ in piece][:budget]
+        special = tokenizer.get_special_tokens_mask(ids)
+        iterator = iter(owners)
+        word_ids = [None if is_special else next(iterator) for is_special in special]
+        windows.append(Window(e, s, tokenizer.build_inputs_with_special_tokens(ids), word_ids))
+    return windows
+
+
+def reads_words_as_in_text(tokenizer) -> bool:
+    """Whether the tokenizer encodes a pre-split word as it encodes that word inside a sentence. Byte-level BPE
+    tokenizers (RoBERTa's) do so only with `add_prefix_space=True`; without it every word would lose the space
+    before it. Python tokenizers encode word by word (`encode_windows`) and pass."""
+    if not tokenizer.is_fast:
+        return True
+    as_words = tokenizer(["x", "Paris"], is_split_into_words=True, add_special_tokens=False)
+    in_text = tokenizer("x Paris", add_special_tokens=False)
+
+    def second_word(encoding) -> list[int]:
+        return [i for i, w in zip(encoding["input_ids"], encoding.word_ids(), strict=True) if w == 1]
+
+    return second_word(as_words) == second_word(in_text)
+
+
+def load_text_tokenizer(name_or_path: str):
+    """The text model's tokenizer, set up for word input (`add_prefix_space=True` where it matters)."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if not reads_words_as_in_text(tokenizer) and getattr(tokenizer, "add_prefix_space", None) is False:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, add_prefix_space=True)
+    return tokenizer
+
+
 class BgaMnerProcessor(ProcessorMixin):
-    r"""Tokenizer (BERT family, fast) + CLIP image processor (the Pillow one) for BGA-MNER.
+    r"""Tokenizer (BERT, RoBERTa, XLM-R or BERTweet) + CLIP image processor (the Pillow one) for BGA-MNER.
 
     Args:
         image_processor: a `CLIPImageProcessorPil` (no torchvision needed).
-        tokenizer: a fast BERT-family tokenizer (word alignment needs `word_ids()`).
+        tokenizer: the text model's tokenizer, fast or Python (BERTweet's); a byte-level BPE one needs
+            `add_prefix_space=True` (`load_text_tokenizer` sets it).
         num_object_crops (`int`, defaults to 3): object crops per image; must equal the model's.
         max_length (`int`, defaults to 128): sub-words per window, special tokens included.
         label_all_subwords (`bool`, defaults to `False`): label every sub-word of a word (continuations
@@ -119,6 +205,12 @@ class BgaMnerProcessor(ProcessorMixin):
         self.label_names = list(label_names)
         self.max_image_pixels = max_image_pixels
         self.image_problems: Counter[str] = Counter()  # reason -> count of images read as missing
+        if tokenizer is not None and not reads_words_as_in_text(tokenizer):
+            raise ValueError(
+                f"{type(tokenizer).__name__} encodes a pre-split word unlike the same word inside a sentence (a "
+                "byte-level BPE tokenizer without add_prefix_space): load it with "
+                "AutoTokenizer.from_pretrained(name, add_prefix_space=True), or with load_text_tokenizer(name)."
+            )
         super().__init__(image_processor, tokenizer, **kwargs)
 
     # ----------------------------------------------------------------------------------------------
@@ -182,43 +274,26 @@ class BgaMnerProcessor(ProcessorMixin):
         label_ids = None
         if labels is not None:
             label_ids = [self._label_ids(i, w, tags) for i, (w, tags) in enumerate(zip(words, labels, strict=True))]
-        budget = self.max_length - self.tokenizer.num_special_tokens_to_add()
-        counts = self.tokenizer(words, is_split_into_words=True, add_special_tokens=False)
-        windows = []  # (example, first word, end word)
-        for example, example_words in enumerate(words):
-            per_word = Counter(i for i in counts.word_ids(example) if i is not None)
-            start, used = 0, 0
-            for i in range(len(example_words)):
-                if used + per_word[i] > budget and i > start:
-                    windows.append((example, start, i))
-                    start, used = i, 0
-                used += per_word[i]
-            windows.append((example, start, len(example_words)))
-        encoded = self.tokenizer(
-            [words[e][s:t] for e, s, t in windows],
-            is_split_into_words=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_token_type_ids=True,
-        )
         rows = []
-        for row, (example, start, _) in enumerate(windows):
-            word_ids = encoded.word_ids(row)
-            first = [w is not None and (i == 0 or word_ids[i - 1] != w) for i, w in enumerate(word_ids)]
-            predicted = [w is not None and (self.label_all_subwords or f) for w, f in zip(word_ids, first, strict=True)]
+        for window in encode_windows(self.tokenizer, words, self.max_length):
+            first = window.first_subwords()
+            predicted = [
+                w is not None and (self.label_all_subwords or f) for w, f in zip(window.word_ids, first, strict=True)
+            ]
             item = {
-                "input_ids": encoded["input_ids"][row],
-                "attention_mask": encoded["attention_mask"][row],
-                "token_type_ids": encoded["token_type_ids"][row],
+                "input_ids": window.input_ids,
+                "attention_mask": [1] * len(window.input_ids),
+                "token_type_ids": [0] * len(window.input_ids),  # one segment
                 "prediction_mask": [int(p) for p in predicted],
-                "word_index": [start + w if f else -1 for w, f in zip(word_ids, first, strict=True)],
-                "example_index": example,
-                "num_words": len(words[example]),
+                "word_index": window.word_index(),
+                "example_index": window.example,
+                "num_words": len(words[window.example]),
             }
             if label_ids is not None:
+                example_labels = label_ids[window.example]
                 item["labels"] = [
-                    -100 if not p else self._continuation(label_ids[example][start + w], first=f)
-                    for w, p, f in zip(word_ids, predicted, first, strict=True)
+                    -100 if not p else self._continuation(example_labels[window.start + w], first=f)
+                    for w, p, f in zip(window.word_ids, predicted, first, strict=True)
                 ]
             rows.append(item)
         return rows

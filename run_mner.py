@@ -34,12 +34,12 @@ from safetensors.torch import load_file
 from seqeval.metrics import classification_report
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, CLIPImageProcessorPil, HfArgumentParser, get_linear_schedule_with_warmup
+from transformers import CLIPImageProcessorPil, HfArgumentParser, get_linear_schedule_with_warmup
 
 from configuration_bga_mner import MAX_IMAGE_PIXELS
 from model_card import apply_umask, export_text_only, public_settings, results_table, write_model_card
 from modeling_bga_mner import BgaMnerForTokenClassification
-from processing_bga_mner import BgaMnerDataCollator, BgaMnerProcessor
+from processing_bga_mner import BgaMnerDataCollator, BgaMnerProcessor, load_text_tokenizer
 from twitter_mner import CorpusFormatError, load_mner_dataset
 
 logger = logging.getLogger("run_mner")
@@ -294,7 +294,7 @@ def load_model_and_processor(model_args: ModelArguments, data_args: DataArgument
             max_text_length=data_args.max_length,
             **overrides,
         )
-        tokenizer = AutoTokenizer.from_pretrained(model_args.text_model)
+        tokenizer = load_text_tokenizer(model_args.text_model)
         # BERT-CRF (use_generation=False) reads no image: it needs no vision model at all.
         image_processor = (
             CLIPImageProcessorPil.from_pretrained(model_args.vision_model)

@@ -203,7 +203,8 @@ def alignment(output: str, corpus, images: Path, tweets: int = 300, candidates: 
         encoding = processor(words=[split[i]["tokens"]])
         valid = encoding["attention_mask"].bool()
         text = model.text_embeddings(input_ids=encoding["input_ids"], token_type_ids=encoding["token_type_ids"])
-        text = model.text_first_layer(text, valid)
+        for layer in model.text_plain_layers:
+            text = layer(text, valid)
         text_mask = model.bga_layers[0].text_sampler(text, valid, valid.float())
         visual_hat = model.generator.generate_visual(text, text_mask, model.generator.query_states(with_text=False))
         others = rng.sample([j for j in range(len(split)) if j != i], candidates - 1)

@@ -55,7 +55,7 @@ def saved_model(tmp_path_factory) -> tuple[Path, BgaMnerForTokenClassification, 
     processor = tiny_processor(folder / "tokenizer", max_length=128)
     torch.manual_seed(3)
     text = {"vocab_size": len(processor.tokenizer), "max_position_embeddings": 256}
-    model = BgaMnerForTokenClassification(tiny_config(text=text)).eval()
+    model = BgaMnerForTokenClassification(tiny_config(text=text, max_text_length=128)).eval()  # = max_length
     with torch.no_grad():  # a CRF that likes entities, so that random weights still find some
         model.crf.transitions.zero_()
         model.classifier.bias.copy_(torch.tensor([-0.5, 1.0, 0.5, 1.0, 0.5, 1.0, 0.5, 1.0, 0.5]))

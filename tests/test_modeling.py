@@ -73,7 +73,7 @@ def test_training_step_with_mixed_images_reaches_every_part_of_the_model():
         "text_to_image_generator": model.generator.text_to_image,
         "image_to_text_generator": model.generator.image_to_text,
         "text_embeddings": model.text_embeddings,
-        "text_extractors": torch.nn.ModuleList([model.text_first_layer, *(layer.text_extractor for layer in layers)]),
+        "text_extractors": torch.nn.ModuleList([*model.text_plain_layers, *(layer.text_extractor for layer in layers)]),
         "vision_embeddings": model.vision_embeddings,
         "vision_extractors": torch.nn.ModuleList(
             [model.vision_first_layer, *(layer.visual_extractor for layer in layers[:-1])]
@@ -142,7 +142,7 @@ def test_detached_targets_let_the_generation_losses_train_only_the_generators(de
     out = model(**random_batch(config))
     assert out.generation_loss > 0
     out.generation_loss.backward()
-    towers = [model.text_embeddings, model.text_first_layer, model.vision_embeddings, model.vision_first_layer]
+    towers = [model.text_embeddings, model.text_plain_layers, model.vision_embeddings, model.vision_first_layer]
     tower_gradient = sum(p.grad.abs().sum().item() for m in towers for p in m.parameters() if p.grad is not None)
     generator_gradient = sum(p.grad.abs().sum().item() for p in model.generator.parameters() if p.grad is not None)
     assert generator_gradient > 0
@@ -211,7 +211,7 @@ def test_without_generation_the_model_is_bert_linear_crf():
     assert not any(isinstance(m, StageRefinedContextSampler) for m in model.modules())
     bert = BertModel(config.text_config, add_pooling_layer=False).eval()
     bert.embeddings.load_state_dict(model.text_embeddings.state_dict())
-    extractors = [model.text_first_layer, *(layer.text_extractor for layer in model.bga_layers)]
+    extractors = [*model.text_plain_layers, *(layer.text_extractor for layer in model.bga_layers)]
     for bert_layer, extractor in zip(bert.encoder.layer, extractors, strict=True):
         bert_layer.load_state_dict(extractor.state_dict())
     crf = CRF(config.num_labels, batch_first=True)
@@ -311,7 +311,7 @@ def test_from_text_vision_pretrained_puts_every_branch_weight_in_place(tmp_path,
             assert torch.equal(tensor, theirs_state[name]), name
 
     same(model.text_embeddings, bert.embeddings)
-    for i, extractor in enumerate([model.text_first_layer, *(layer.text_extractor for layer in model.bga_layers)]):
+    for i, extractor in enumerate([*model.text_plain_layers, *(layer.text_extractor for layer in model.bga_layers)]):
         same(extractor, bert.encoder.layer[i])
     same(model.vision_embeddings, vision.embeddings)
     same(model.vision_pre_layernorm, vision.pre_layrnorm)

@@ -220,10 +220,15 @@ def saved(tmp_path_factory) -> Path:
     return folder
 
 
-def test_the_pipeline_truncates_a_long_text_at_the_models_positions(saved):
+def test_the_pipeline_reads_a_long_text_in_windows_and_tags_every_word(saved):
     ner = pipeline("token-classification", model=str(saved), trust_remote_code=True)
-    assert ner.tokenizer.model_max_length == 64  # the model's max_position_embeddings
-    assert isinstance(ner("Obama visits Paris " * 300), list)  # 2,900+ sub-words: no crash
+    assert ner.max_length == 32  # the processor's windows (config.max_text_length), not the tokenizer's "no limit"
+    text = "Obama visits Paris " * 300  # 2,900+ sub-words
+    words = ner(text, aggregation_strategy="none", ignore_labels=[])
+    assert [w["word"] for w in words] == text.split()
+    assert [w["start"] for w in words] == [
+        i for i in range(len(text)) if text[i] != " " and (i == 0 or text[i - 1] == " ")
+    ]
 
 
 def test_prediction_mistakes_get_one_line(saved, tmp_path, capsys):

@@ -102,3 +102,45 @@ def tiny_processor(directory: Path, **overrides):
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     settings = dict(num_object_crops=2, max_length=32)
     return BgaMnerProcessor(image_processor, save_tiny_tokenizer(directory), **{**settings, **overrides})
+
+
+def save_tiny_roberta_tokenizer(directory: Path):
+    """A byte-level BPE tokenizer (RoBERTa's kind) over single bytes plus a few merges, with
+    `add_prefix_space=True` as word-level input needs."""
+    from transformers import RobertaTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    merges = [("Ġ", "o"), ("Ġo", "b"), ("Ġob", "a"), ("Ġoba", "m"), ("Ġobam", "a"), ("Ġ", "P"), ("ĠP", "a")]
+    pieces = [*specials, *bytes_to_unicode().values(), *("".join(pair) for pair in merges)]
+    tokenizer = RobertaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, add_prefix_space=True)
+    tokenizer.model_max_length = 64
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def save_tiny_xlm_roberta_tokenizer(directory: Path):
+    """A SentencePiece-unigram tokenizer (XLM-R's kind): "▁" + letter pieces and single characters."""
+    from transformers import XLMRobertaTokenizer
+
+    specials = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    characters = string.ascii_letters + string.digits + string.punctuation
+    pieces = [*specials, ("▁", -1.0), *(("▁" + c, -2.0) for c in characters), *((c, -3.0) for c in characters)]
+    tokenizer = XLMRobertaTokenizer(vocab=[*pieces, ("<mask>", 0.0)], model_max_length=64)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def save_tiny_bertweet_tokenizer(directory: Path):
+    """BERTweet's tokenizer (a Python one: no offsets, no word ids) with a letter-level BPE vocabulary."""
+    from transformers import BertweetTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    letters = string.ascii_letters + string.digits + string.punctuation
+    (directory / "vocab.txt").write_text("".join(f"{p} 1\n" for p in [*letters, *(c + "@@" for c in letters)]))
+    (directory / "bpe.codes").write_text("o b 1\n")
+    tokenizer = BertweetTokenizer(
+        vocab_file=str(directory / "vocab.txt"), merges_file=str(directory / "bpe.codes"), model_max_length=64
+    )
+    tokenizer.save_pretrained(directory)
+    return tokenizer
