@@ -7,7 +7,7 @@ choices that the paper leaves open are fields here, each with its documented def
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from transformers import AutoConfig, CLIPVisionConfig, PretrainedConfig
@@ -23,6 +23,12 @@ TEXT_MODEL_TYPES: tuple[str, ...] = ("bert", "roberta", "xlm-roberta")
 def bio_labels(types: Sequence[str]) -> tuple[str, ...]:
     """The BIO label list over entity types, in their order: ("O", "B-T1", "I-T1", "B-T2", ...)."""
     return ("O", *(f"{prefix}-{kind}" for kind in types for prefix in ("B", "I")))
+
+
+def entity_types(labels: Iterable[str]) -> list[str]:
+    """The entity types of BIO labels, in Twitter's order (PER, LOC, ORG, MISC) first, then alphabetically."""
+    kinds = {label[2:] for label in labels if label != "O"}
+    return [kind for kind in MNER_TYPES if kind in kinds] + sorted(kinds - set(MNER_TYPES))
 
 
 MNER_LABELS: tuple[str, ...] = bio_labels(MNER_TYPES)

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-ENTITY_TYPES = ("PER", "LOC", "ORG", "MISC")
+from configuration_bga_mner import MNER_TYPES, entity_types
+
 PLACEHOLDER_ID = "path/to/this-model"  # the usage examples' model id when no --hub_model_id is given
 # The one copy of the citations (the README's Citation section is checked against it by a test).
 CITATION = """```bibtex
@@ -52,13 +54,16 @@ WIDGET_TEXTS = [
 ]
 
 
-def results_table(results: dict[str, dict]) -> str:
+def results_table(results: dict[str, dict], types: Sequence[str] | None = None) -> str:
     """A Markdown table in the paper's Table 2 layout: F1 per type, then overall P / R / F1, one row per
-    evaluated split. `results` maps a split name to seqeval-style metrics (see `run_mner.compute_metrics`)."""
-    header = "| split | " + " | ".join(f"{t} F1" for t in ENTITY_TYPES) + " | P | R | F1 |"
-    rows = [header, "|" + "---|" * (len(ENTITY_TYPES) + 4)]
+    evaluated split. `results` maps a split name to seqeval-style metrics (see `run_mner.compute_metrics`);
+    `types`: the columns (default: the types the metrics hold)."""
+    if types is None:
+        types = entity_types(f"B-{kind}" for metrics in results.values() for kind in metrics if kind != "overall")
+    header = "| split | " + " | ".join(f"{t} F1" for t in types) + " | P | R | F1 |"
+    rows = [header, "|" + "---|" * (len(types) + 4)]
     for split, metrics in results.items():
-        per_type = [f"{100 * metrics.get(t, {}).get('f1', 0.0):.2f}" for t in ENTITY_TYPES]
+        per_type = [f"{100 * metrics.get(t, {}).get('f1', 0.0):.2f}" for t in types]
         overall = metrics["overall"]
         rows.append(
             f"| {split} | " + " | ".join(per_type) + f" | {100 * overall['precision']:.2f} | "
@@ -109,12 +114,13 @@ def build_model_card(
     model_id: str | None = None,
     training_images: dict | None = None,
     text_only_parameters: int | None = None,
+    types: Sequence[str] = MNER_TYPES,
 ) -> ModelCard:
     """A model card for a trained folder. `results`: split -> metrics (fractions); `settings`: the training
     configuration (local paths are shown as `<local>/name`); `base_models`: the pretrained towers it was built
     from (only Hub ids enter the metadata); `model_id`: the Hub id for the usage examples (a placeholder if
     None); `training_images`: how many training tweets had images and crops; `text_only_parameters`: set for
-    the text-only inference checkpoint (its parameter count)."""
+    the text-only inference checkpoint (its parameter count); `types`: the entity types the model recognises."""
     eval_results = [
         EvalResult(
             task_type="token-classification",
@@ -164,7 +170,7 @@ def build_model_card(
 
 # BGA-MNER trained on {dataset_name}
 
-A multimodal named-entity recogniser for tweets (PER, LOC, ORG, MISC) after Chen et al., *Learning
+A multimodal named-entity recogniser for tweets ({", ".join(types)}) after Chen et al., *Learning
 Implicit Entity-object Relations by Bidirectional Generative Alignment for Multimodal NER* (ACM MM 2023).
 It learns from tweets paired with images and recognises entities **from text alone**: the text branch
 reads visual features that it generates itself. {origin}
@@ -177,7 +183,7 @@ reads visual features that it generates itself. {origin}
 
 Entity-level scores (seqeval, conlleval mode), in %:
 
-{results_table(results) if results else "(not evaluated)"}
+{results_table(results, types) if results else "(not evaluated)"}
 
 ## Use
 
@@ -263,6 +269,7 @@ def export_text_only(source: str | Path, target: str | Path) -> Path:
         model_id=None,
         training_images=results.get("training_images"),
         text_only_parameters=sum(p.numel() for p in model.parameters()),
+        types=entity_types(model.config.id2label.values()),
     )
     apply_umask(target)
     return target

@@ -7,6 +7,8 @@ in training); the CRF labels each word at its first sub-word, so the sub-word ag
 ("first", "average", "max") have nothing to merge and all equal "simple", and "none" returns one entry
 per word of an entity. Every `score` is the CRF's posterior probability of the word's Viterbi label
 (for a grouped entity, the mean over its words). Only tokenizer outputs reach the model: no image.
+Words are encoded as the processor encodes them (`encode_windows`): long texts in windows of whole words,
+character offsets from the words (so Python tokenizers without offsets, BERTweet's, work too).
 """
 
 from __future__ import annotations

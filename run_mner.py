@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import CLIPImageProcessorPil, HfArgumentParser, get_linear_schedule_with_warmup
 
-from configuration_bga_mner import MAX_IMAGE_PIXELS
+from configuration_bga_mner import MAX_IMAGE_PIXELS, MNER_LABELS, bio_labels, entity_types
 from model_card import apply_umask, export_text_only, public_settings, results_table, write_model_card
 from modeling_bga_mner import BgaMnerForTokenClassification
 from processing_bga_mner import BgaMnerDataCollator, BgaMnerProcessor, load_text_tokenizer
@@ -91,6 +91,14 @@ class ModelArguments:
 class DataArguments:
     data_dir: str = field(default=None, metadata={"help": "Folder with train.txt, valid.txt (or dev.txt), test.txt."})
     dataset_name: str = field(default="conll", metadata={"help": "twitter2015, twitter2017 or conll (any corpus)."})
+    label_list: str | None = field(
+        default=None,
+        metadata={"help": "Entity types of a new model, comma-separated (default: the training split's; Twitter: 4)."},
+    )
+    ignore_unknown_types: bool = field(
+        default=False,
+        metadata={"help": "Evaluate dev / test entities of types the model cannot produce as if unannotated."},
+    )
     image_dir: str | None = field(default=None, metadata={"help": "Folder of <image id>.jpg files."})
     crop_dir: str | None = field(default=None, metadata={"help": "HVPNeT object-crop folder."})
     test_data_dir: str | None = field(default=None, metadata={"help": "Test on this corpus instead (cross-domain)."})
@@ -241,18 +249,73 @@ def check_trackers(report_to: str | None) -> None:
             )
 
 
-def tokenize(corpus: datasets.DatasetDict, processor: BgaMnerProcessor) -> datasets.DatasetDict:
-    """One row per window of sub-words; `example_index` points back into the split."""
+def split_types(split: datasets.Dataset) -> list[str]:
+    """The entity types annotated in a split."""
+    names = split.features["ner_tags"].feature.names
+    return entity_types({names[t] for tags in split["ner_tags"] for t in tags})
 
-    def encode(batch: dict, indices: list[int]) -> dict:
-        rows = processor.encode_words(batch["tokens"], batch["ner_tags"])
-        for row in rows:
-            local = row["example_index"]
-            row["image"], row["crops"] = batch["image"][local], batch["crops"][local]
-            row["example_index"] = indices[local]
-        return {key: [row[key] for row in rows] for key in rows[0]}
 
-    return corpus.map(encode, batched=True, with_indices=True, remove_columns=corpus["train"].column_names)
+def new_model_labels(corpus: datasets.DatasetDict, data_args: DataArguments) -> list[str]:
+    """The label list of a model built here: BIO over --label_list, the four Twitter types, or the training
+    split's types."""
+    if data_args.label_list:
+        types = [kind.strip() for kind in data_args.label_list.split(",") if kind.strip()]
+        if not types or any(kind.startswith(("B-", "I-")) or kind == "O" for kind in types):
+            raise UsageError(f"--label_list {data_args.label_list!r}: give entity types, e.g. PER,LOC,ORG.")
+        return list(bio_labels(types))
+    if data_args.dataset_name in ("twitter2015", "twitter2017"):
+        return list(MNER_LABELS)
+    return list(bio_labels(split_types(corpus["train"])))
+
+
+def check_label_sets(corpus: datasets.DatasetDict, model_labels: list[str], args, data_args: DataArguments) -> None:
+    """Before any training: the model must be able to produce every type it trains on, and every type of the
+    dev / test splits it is scored on (unless --ignore_unknown_types)."""
+    model_types = set(entity_types(model_labels))
+    splits = (["train"] if args.do_train else []) + (["validation"] if args.do_eval else [])
+    splits += ["test"] if args.do_predict else []
+    for split in splits:
+        unknown = [kind for kind in split_types(corpus[split]) if kind not in model_types]
+        if not unknown:
+            continue
+        message = (
+            f"The {split} split has entity types {', '.join(unknown)} that the model cannot produce (its labels: "
+            f"{', '.join(model_labels)})"
+        )
+        if split == "train":
+            raise UsageError(f"{message}: give them in --label_list, or train a new model.")
+        if not data_args.ignore_unknown_types:
+            raise UsageError(f"{message}: pass --ignore_unknown_types true to score without those entities.")
+        logger.warning("%s: scored as if those entities were not annotated (--ignore_unknown_types).", message)
+
+
+def tokenize(corpus: datasets.DatasetDict, processor: BgaMnerProcessor, train: bool) -> datasets.DatasetDict:
+    """One row per window of sub-words; `example_index` points back into the split. Only the training split
+    carries labels, when training (evaluation reads the gold tags from the corpus)."""
+
+    def encoder(names: list[str] | None):
+        def encode(batch: dict, indices: list[int]) -> dict:
+            labels = None if names is None else [[names[t] for t in tags] for tags in batch["ner_tags"]]
+            rows = processor.encode_words(batch["tokens"], labels)
+            for row in rows:
+                local = row["example_index"]
+                row["image"], row["crops"] = batch["image"][local], batch["crops"][local]
+                row["example_index"] = indices[local]
+            return {key: [row[key] for row in rows] for key in rows[0]}
+
+        return encode
+
+    return datasets.DatasetDict(
+        {
+            split: data.map(
+                encoder(data.features["ner_tags"].feature.names if split == "train" and train else None),
+                batched=True,
+                with_indices=True,
+                remove_columns=data.column_names,
+            )
+            for split, data in corpus.items()
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,8 +323,8 @@ def tokenize(corpus: datasets.DatasetDict, processor: BgaMnerProcessor) -> datas
 
 
 def load_model_and_processor(model_args: ModelArguments, data_args: DataArguments, label_names: list[str]):
-    """Builds BGA-MNER from the two towers, or loads a trained folder; fails early with a clear message
-    when a name cannot be resolved or the labels do not match the data."""
+    """Builds BGA-MNER from the two towers with the labels `label_names`, or loads a trained folder (with its own
+    labels); fails early with a clear message when a name cannot be resolved."""
     overrides = {
         "alpha": model_args.alpha,
         "use_sampler": model_args.use_sampler,
@@ -278,10 +341,10 @@ def load_model_and_processor(model_args: ModelArguments, data_args: DataArgument
             processor = BgaMnerProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
             processor.max_image_pixels = data_args.max_image_pixels
             model_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-            if model_labels != label_names:
+            if processor.label_names != model_labels:
                 raise ValueError(
-                    f"The labels of {model_args.model_name_or_path} ({model_labels}) differ from the data's "
-                    f"({label_names})."
+                    f"{model_args.model_name_or_path}: the processor's label_names ({processor.label_names}) differ "
+                    f"from the model's id2label ({model_labels})."
                 )
             return model, processor
         model = BgaMnerForTokenClassification.from_text_vision_pretrained(
@@ -382,9 +445,17 @@ def predict(
 
 
 def evaluate(model, dataloader, split: datasets.Dataset, processor, accelerator) -> tuple[dict, list[list[str]]]:
+    """Scores and predicted tags of a split. Where the model's label set and the corpus's differ, gold entities
+    of types the model lacks (allowed by `check_label_sets`) and predicted types the corpus lacks count as O."""
     names = split.features["ner_tags"].feature.names
-    gold = [[names[t] for t in tags] for tags in split["ner_tags"]]
+    model_types = set(entity_types(processor.label_names))
+    gold = [[names[t] if names[t][2:] in model_types else "O" for t in tags] for tags in split["ner_tags"]]
     predicted = predict(model, dataloader, processor, accelerator, len(split))
+    corpus_types = set(entity_types(names))
+    unknown = {tag[2:] for tags in predicted for tag in tags if tag != "O" and tag[2:] not in corpus_types}
+    if unknown:
+        logger.warning("Predicted types %s are not labels of this corpus: scored as O.", ", ".join(sorted(unknown)))
+        predicted = [[tag if tag == "O" or tag[2:] in corpus_types else "O" for tag in tags] for tags in predicted]
     return compute_metrics(gold, predicted), predicted
 
 
@@ -531,10 +602,10 @@ def main(argv: list[str] | None = None) -> dict:
     # Data first: a missing folder or a malformed file fails before any model is loaded.
     with accelerator.main_process_first():
         corpus = load_corpora(data_args, model_args.num_object_crops)
-    label_names = corpus["train"].features["ner_tags"].feature.names
-    model, processor = load_model_and_processor(model_args, data_args, label_names)
+    model, processor = load_model_and_processor(model_args, data_args, new_model_labels(corpus, data_args))
+    check_label_sets(corpus, processor.label_names, args, data_args)
     with accelerator.main_process_first():
-        encoded = tokenize(corpus, processor)
+        encoded = tokenize(corpus, processor, train=args.do_train)
 
     collator = BgaMnerDataCollator(processor)
 
@@ -731,6 +802,7 @@ def main(argv: list[str] | None = None) -> dict:
             data_args.dataset_name,
             model_id=args.hub_model_id,
             training_images=results["training_images"] if args.do_train else None,
+            types=entity_types(processor.label_names),
         )
         apply_umask(output_dir)
         if args.export_text_only:

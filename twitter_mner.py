@@ -17,14 +17,14 @@ import os
 import re
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 from PIL import Image, UnidentifiedImageError
 
-from configuration_bga_mner import MAX_IMAGE_PIXELS, MNER_LABELS
+from configuration_bga_mner import MAX_IMAGE_PIXELS, MNER_LABELS, bio_labels, entity_types
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,29 @@ class ConllExample:
     line: int  # where the example starts in its file (1-based)
 
 
+def check_bio_label(label: str, path: str | os.PathLike, number: int) -> None:
+    """Raises `CorpusFormatError` naming file and line unless `label` is O, B-<type> or I-<type>."""
+    prefix, dash, kind = label.partition("-")
+    if label == "O" or (prefix in ("B", "I") and dash and kind):
+        return
+    if prefix in ("S", "E", "L", "U") and dash and kind:
+        raise CorpusFormatError(
+            f"{path}:{number}: label {label!r} is BIOES / BILOU; only BIO is supported: convert S-X to B-X and "
+            "E-X / L-X to I-X (U-X to B-X)."
+        )
+    raise CorpusFormatError(f"{path}:{number}: label {label!r} is not BIO: expected O, B-<type> or I-<type>.")
+
+
+def corpus_labels(data_dir: str | os.PathLike) -> tuple[str, ...]:
+    """The BIO label list over every entity type found in a corpus folder's split files."""
+    labels: set[str] = set()
+    for names in SPLIT_FILES.values():
+        path = next((Path(data_dir, name) for name in names if Path(data_dir, name).is_file()), None)
+        if path is not None:
+            labels.update(label for example in read_conll(path) for label in example.labels)
+    return bio_labels(entity_types(labels))
+
+
 def normalise_label(label: str) -> str:
     """`B-OTHER` -> `B-MISC`; other labels unchanged."""
     prefix, _, kind = label.partition("-")
@@ -71,10 +94,14 @@ def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
             yield number, line.removeprefix("\ufeff") if number == 1 else line
 
 
-def read_conll(path: str | os.PathLike, labelled: bool = True) -> Iterator[ConllExample]:
+def read_conll(
+    path: str | os.PathLike, labelled: bool = True, label_names: Sequence[str] | None = None
+) -> Iterator[ConllExample]:
     """Reads examples from a CoNLL file in the UMT form. With `labelled=False`, lines may hold only
-    the token (labels then come back as "O"). Raises `CorpusFormatError` naming file and line for a
-    malformed line, an unknown label, an `IMGID:` line inside an example, or a file with no example."""
+    the token (labels then come back as "O"). Labels must be BIO (OTHER is read as MISC), and in
+    `label_names` when given. Raises `CorpusFormatError` naming file and line for a malformed line, a
+    label that is not BIO or not in `label_names`, an `IMGID:` line inside an example, or a file with no
+    example."""
     path = Path(path)
     image_id, tokens, labels, start = None, [], [], None
     found = False
@@ -104,9 +131,10 @@ def read_conll(path: str | os.PathLike, labelled: bool = True) -> Iterator[Conll
             raise CorpusFormatError(f"{path}:{number}: expected 'token<TAB>label', got an empty token: {line!r}.")
         token, label = columns
         label = normalise_label(label.strip())
-        if label not in MNER_LABELS:
+        check_bio_label(label, path, number)
+        if label_names is not None and label not in label_names:
             raise CorpusFormatError(
-                f"{path}:{number}: unknown label {label!r}; expected one of {', '.join(MNER_LABELS)} "
+                f"{path}:{number}: unknown label {label!r}; expected one of {', '.join(label_names)} "
                 "(OTHER is read as MISC)."
             )
         tokens.append(token)
@@ -155,6 +183,18 @@ class TwitterMnerConfig(datasets.BuilderConfig):
     crop_dir: str | None = None
     num_crops: int = 3
     max_image_pixels: int = MAX_IMAGE_PIXELS
+    label_names: tuple[str, ...] | None = None
+
+    def labels(self) -> tuple[str, ...]:
+        """Twitter2015 / 2017: the four MNER types. Any other corpus: `label_names`, or BIO over the types its
+        files hold."""
+        if self.name in ("twitter2015", "twitter2017"):
+            return MNER_LABELS
+        if self.label_names is not None:
+            return tuple(self.label_names)
+        if not self.data_dir:
+            raise ValueError("Give data_dir: the folder holding train.txt, valid.txt (or dev.txt) and test.txt.")
+        return corpus_labels(self.data_dir)
 
 
 class TwitterMner(datasets.GeneratorBasedBuilder):
@@ -176,7 +216,7 @@ class TwitterMner(datasets.GeneratorBasedBuilder):
                     "id": datasets.Value("string"),
                     "image_id": datasets.Value("string"),
                     "tokens": datasets.Sequence(datasets.Value("string")),
-                    "ner_tags": datasets.Sequence(datasets.ClassLabel(names=list(MNER_LABELS))),
+                    "ner_tags": datasets.Sequence(datasets.ClassLabel(names=list(self.config.labels()))),
                     "image": datasets.Value("string"),  # path, or None when there is no usable image file
                     # "ok", or why `image` is None: "missing", "unreadable", "too large"; None without image_dir
                     "image_status": datasets.Value("string"),
@@ -211,7 +251,8 @@ class TwitterMner(datasets.GeneratorBasedBuilder):
         crops = find_crops(config.crop_dir, split)
         orphans = 0
         statuses: Counter[str] = Counter()
-        for index, example in enumerate(read_conll(path)):
+        label_names = self.info.features["ner_tags"].feature.names
+        for index, example in enumerate(read_conll(path, label_names=label_names)):
             image, status = None, None
             if config.image_dir and example.image_id is not None:
                 candidate = Path(config.image_dir, f"{example.image_id}.jpg")
@@ -274,8 +315,13 @@ def load_mner_dataset(
     num_crops: int = 3,
     cache_dir: str | os.PathLike | None = None,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
+    label_names: Sequence[str] | None = None,
 ) -> datasets.DatasetDict:
-    """Builds the train / validation / test splits of a corpus (always re-read from its files)."""
+    """Builds the train / validation / test splits of a corpus (always re-read from its files). `label_names`:
+    the BIO label list of a "conll" corpus (default: over the entity types its files hold); Twitter2015 / 2017
+    always use `MNER_LABELS`."""
+    if name == "conll" and label_names is None and Path(data_dir).is_dir():
+        label_names = corpus_labels(data_dir)  # part of the builder's config, so of its cache's name
     builder = TwitterMner(
         config_name=name,
         data_dir=str(data_dir),
@@ -284,6 +330,7 @@ def load_mner_dataset(
         num_crops=num_crops,
         max_image_pixels=max_image_pixels,
         cache_dir=str(cache_dir) if cache_dir else None,
+        label_names=tuple(label_names) if label_names is not None and name == "conll" else None,
     )
     try:
         builder.download_and_prepare(download_mode=datasets.DownloadMode.FORCE_REDOWNLOAD)

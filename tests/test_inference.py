@@ -208,7 +208,7 @@ def test_prediction_command_splits_a_long_text_into_windows_and_tags_every_word(
         ("empty.txt", "", "empty.txt: no text in the file"),
         ("bad.jsonl", '{"text": "fine"}\n{oops\n', "bad.jsonl:2: not a JSON object"),
         ("bad.jsonl", '{"text": "fine"}\n[1, 2]\n', "bad.jsonl:2: expected an object with a 'text' string"),
-        ("bad.conll", "Obama\tB-PER\nParis\tB-TOWN\n", "bad.conll:2: unknown label 'B-TOWN'"),
+        ("bad.conll", "Obama\tB-PER\nParis\tTOWN\n", "bad.conll:2: label 'TOWN' is not BIO"),
     ],
 )
 def test_prediction_command_rejects_bad_input_with_file_and_line(saved_model, tmp_path, name, content, message):

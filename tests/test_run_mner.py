@@ -182,10 +182,17 @@ def test_errors_come_before_any_training(tmp_path, smoke_run):
     config["id2label"] = {str(i): label.replace("MISC", "OTHER") for i, label in config["id2label"].items()}
     config["label2id"] = {label: int(i) for i, label in config["id2label"].items()}
     (relabelled / "config.json").write_text(json.dumps(config))
+    inconsistent = run(
+        str(SMOKE), "--model_name_or_path", str(relabelled), "--output_dir", str(tmp_path / "o"), check=False
+    )
+    assert inconsistent.returncode != 0 and "the processor's label_names" in inconsistent.stderr
+    processor_config = json.loads((relabelled / "processor_config.json").read_text())
+    processor_config["label_names"] = [label.replace("MISC", "OTHER") for label in processor_config["label_names"]]
+    (relabelled / "processor_config.json").write_text(json.dumps(processor_config))
     mismatch = run(
         str(SMOKE), "--model_name_or_path", str(relabelled), "--output_dir", str(tmp_path / "o"), check=False
     )
-    assert mismatch.returncode != 0 and "differ from the data's" in mismatch.stderr
+    assert mismatch.returncode == 2 and "The train split has entity types MISC that the model cannot" in mismatch.stderr
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 

@@ -64,7 +64,9 @@ def write_corpus(folder, train="IMGID:1\nObama\tB-PER\nspeaks\tO\n\nIMGID:2\nPar
             "IMGID:1\nObama B-PER\n",
             r"train.txt:2: expected 'token<TAB>label' \(2 columns\), got 1 column\(s\): 'Obama B-PER'",
         ),
-        ("Obama\tB-PER\nParis\tB-CITY\n", r"train.txt:2: unknown label 'B-CITY'"),
+        ("Obama\tB-PER\nParis\tPERSON\n", r"train.txt:2: label 'PERSON' is not BIO: expected O, B-<type> or I-<t"),
+        ("Obama\tS-PER\n", r"train.txt:1: label 'S-PER' is BIOES / BILOU; only BIO is supported: convert S-X to B-X"),
+        ("Obama\tB-PER\nCook\tE-PER\n", r"train.txt:2: label 'E-PER' is BIOES / BILOU"),
         ("", r"train.txt: no example in the file"),
         ("\n\n", r"train.txt: no example in the file"),
         ("a\tO\nIMGID:3\nb\tO\n", r"train.txt:2: IMGID line inside an example"),
@@ -75,6 +77,14 @@ def test_malformed_files_are_reported_with_file_and_line(tmp_path, train, messag
     folder = write_corpus(tmp_path / "corpus", train=train, valid="a\tO\n", test="a\tO\n")
     with pytest.raises(CorpusFormatError, match=message):
         load_mner_dataset(folder, cache_dir=tmp_path / "cache")
+
+
+def test_twitter_corpora_keep_their_four_types_and_refuse_others(tmp_path):
+    folder = write_corpus(tmp_path / "corpus", train="Obama\tB-PER\nParis\tB-CITY\n", valid="a\tO\n", test="a\tO\n")
+    with pytest.raises(CorpusFormatError, match=r"train.txt:2: unknown label 'B-CITY'; expected one of O, B-PER"):
+        load_mner_dataset(folder, "twitter2015", cache_dir=tmp_path / "cache")
+    names = load_mner_dataset(folder, cache_dir=tmp_path / "cache")["train"].features["ner_tags"].feature.names
+    assert names == ["O", "B-PER", "I-PER", "B-CITY", "I-CITY"]  # any other corpus: its own types
 
 
 def test_missing_split_file_and_folder_are_named(tmp_path):
@@ -89,8 +99,8 @@ def test_other_is_read_as_misc_and_crlf_and_nbsp_tokens_survive(tmp_path):
     folder = write_corpus(
         tmp_path / "corpus", train="IMGID:7\r\nThe\tO\r\n\xa0\tO\r\nOscars\tB-OTHER\r\nshow\tI-OTHER\r\n"
     )
-    example = load_mner_dataset(folder, cache_dir=tmp_path / "cache")["train"][0]
-    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
+    train = load_mner_dataset(folder, cache_dir=tmp_path / "cache")["train"]
+    example, names = train[0], train.features["ner_tags"].feature.names
     assert example["tokens"] == ["The", "\xa0", "Oscars", "show"]
     assert [names[t] for t in example["ner_tags"]] == ["O", "O", "B-MISC", "I-MISC"]
 
