@@ -158,10 +158,22 @@ class BgaMnerConfig(PretrainedConfig):
                 f"keep_ratio_target must be in [0, 1] and keep_ratio_weight >= 0, got {self.keep_ratio_target} "
                 f"and {self.keep_ratio_weight}."
             )
+        if self.max_text_length > self.text_positions:
+            raise ValueError(
+                f"max_text_length={self.max_text_length} (the processor's max_length) exceeds the text tower's "
+                f"{self.text_positions} positions: use at most {self.text_positions}."
+            )
         if self.text_only and self.inference_visual == "real":
             raise ValueError("A text_only model has no visual branch: inference_visual must be 'generated'.")
         if self.num_object_crops < 0:
             raise ValueError(f"num_object_crops must be >= 0, got {self.num_object_crops}.")
+
+    @property
+    def text_positions(self) -> int:
+        """The longest text the text tower can read, special tokens included (RoBERTa's first position is
+        pad_token_id + 1: 512 of its 514 position embeddings)."""
+        offset = self.text_config.pad_token_id + 1 if self.text_config.model_type != "bert" else 0
+        return self.text_config.max_position_embeddings - offset
 
     @property
     def num_plain_text_layers(self) -> int:

@@ -32,13 +32,8 @@ class BgaMnerTokenClassificationPipeline(TokenClassificationPipeline):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Windows as in training (the processor's max_length, saved as max_text_length), within the positions
-        # of the text tower (RoBERTa's first position is padding_idx + 1).
-        text_config = self.model.config.text_config
-        positions = text_config.max_position_embeddings
-        if text_config.model_type in ("roberta", "xlm-roberta"):
-            positions -= text_config.pad_token_id + 1
-        self.max_length = min(self.model.config.max_text_length, positions)
+        # Windows as in training (the processor's max_length, saved as max_text_length; within the positions).
+        self.max_length = self.model.config.max_text_length
 
     def _sanitize_parameters(self, aggregation_strategy=None, stride=None, **kwargs):
         # Words are labelled at their first sub-word, so the sub-word strategies all equal "simple" (also with a

@@ -155,6 +155,9 @@ def test_an_unsupported_text_model_is_named_with_the_supported_ones(tmp_path):
         BgaMnerForTokenClassification.from_text_vision_pretrained(str(tmp_path / "gpt2"), use_generation=False)
     with pytest.raises(ValueError, match="Text models of type 'gpt2' are not supported"):
         BgaMnerConfig(text_config=GPT2Config().to_dict())
+    bertweet = RobertaConfig(vocab_size=64001, max_position_embeddings=130, pad_token_id=1).to_dict()
+    with pytest.raises(ValueError, match="max_text_length=256 .* exceeds the text tower's 128 positions"):
+        BgaMnerConfig(text_config=bertweet, max_text_length=256)  # windows longer than BERTweet reads
 
 
 def test_a_byte_level_tokenizer_without_prefix_spaces_is_refused(tmp_path):
