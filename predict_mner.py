@@ -10,7 +10,8 @@ lines, `IMGID:` lines allowed, blank lines between examples). The format follows
 (.jsonl, .conll) unless `--input_format` says; a .txt file is CoNLL if its first line has a tab or is an
 IMGID line. Outputs: JSON lines (`jsonl`: the text, its words' tags and its entities with text, type,
 start, end, score) or CoNLL (`conll`: `token<TAB>prediction`, or `token<TAB>gold<TAB>prediction` when the
-input had labels). Long texts are split into windows as the processor does; no word is dropped.
+input had labels; the scores are then printed, as run_mner.py computes them). Long texts are split into
+windows as the processor does; no word is dropped.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForTokenClassification, AutoProcessor
 
-from model_card import export_text_only
+from model_card import export_text_only, results_table
 from processing_bga_mner import entities_from_tags, join_words, split_words
+from run_mner import compute_metrics
 from twitter_mner import CorpusFormatError, read_conll, read_lines
 
 FORMATS = ("text", "jsonl", "conll")
@@ -181,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_output(args.output, output_format, examples, tags, scores)
     print(f"{len(examples)} examples -> {args.output}")
+    if all(example.gold is not None for example in examples):  # a labelled CoNLL file: score it as run_mner does
+        gold = [example.gold for example in examples]
+        print(results_table({args.input.name: compute_metrics(gold, tags)}))
 
 
 if __name__ == "__main__":

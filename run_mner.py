@@ -14,6 +14,7 @@ test predictions in CoNLL form (`token gold pred`). Checkpoints go to `<output_d
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.util
 import json
 import logging
@@ -30,8 +31,9 @@ import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
+from evaluate import EvaluationModule
+from evaluate import load as load_evaluation_module
 from safetensors.torch import load_file
-from seqeval.metrics import classification_report
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import CLIPImageProcessorPil, HfArgumentParser, get_linear_schedule_with_warmup
@@ -386,24 +388,15 @@ def load_model_and_processor(model_args: ModelArguments, data_args: DataArgument
 # evaluation
 
 
+@functools.cache
+def entity_metric() -> EvaluationModule:
+    """The repository's `evaluate` metric (metrics/mner_f1: seqeval's conlleval mode), loaded by path: offline."""
+    return load_evaluation_module(str(Path(__file__).resolve().parent / "metrics" / "mner_f1"))
+
+
 def compute_metrics(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, dict[str, float]]:
     """Entity-level precision / recall / F1 with seqeval's default (conlleval) mode, per type and overall."""
-    report = classification_report(gold, predicted, output_dict=True, zero_division=0)
-    metrics = {
-        kind: {
-            "precision": float(v["precision"]),
-            "recall": float(v["recall"]),
-            "f1": float(v["f1-score"]),
-            "support": int(v["support"]),
-        }
-        for kind, v in report.items()
-        if kind not in ("micro avg", "macro avg", "weighted avg")
-    }
-    micro = report["micro avg"]
-    metrics["overall"] = {
-        k: float(micro[v]) for k, v in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"))
-    }
-    return metrics
+    return entity_metric().compute(predictions=predicted, references=gold)
 
 
 def pad_to(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:

@@ -58,9 +58,9 @@ MUTATIONS = [
     ),
     Mutation(
         "metrics_drop_orphan_inside_tags",
-        "run_mner.py",
-        "classification_report(gold, predicted, output_dict=True, zero_division=0)",
-        'classification_report(gold, predicted, output_dict=True, zero_division=0, mode="strict", '
+        "metrics/mner_f1/mner_f1.py",
+        "classification_report(references, predictions, output_dict=True, zero_division=0)",
+        'classification_report(references, predictions, output_dict=True, zero_division=0, mode="strict", '
         'scheme=__import__("seqeval.scheme").scheme.IOB2)',
         ("tests/test_run_mner.py::test_metrics_are_conlleval_entity_scores_with_orphan_inside_tags_starting_entities",),
     ),

@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 from tiny import tiny_config, tiny_processor
 from transformers import AutoModelForTokenClassification, pipeline
 
-from model_card import build_model_card
+from model_card import build_model_card, results_table
 from modeling_bga_mner import BgaMnerForTokenClassification, LinearChainCrf
 from predict_mner import main as predict_main
 from processing_bga_mner import entities_from_tags, split_words
+from run_mner import compute_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TWEETS = [
@@ -143,7 +144,7 @@ def predict(*args: str) -> str | None:
     return None
 
 
-def test_prediction_command_reads_text_jsonl_and_conll(saved_model, tmp_path):
+def test_prediction_command_reads_text_jsonl_and_conll(saved_model, tmp_path, capsys):
     folder, model, processor = saved_model
     (tmp_path / "tweets.txt").write_text("\n".join(TWEETS[:3]) + "\n\n", encoding="utf-8")
     (tmp_path / "tweets.jsonl").write_text(
@@ -174,6 +175,10 @@ def test_prediction_command_reads_text_jsonl_and_conll(saved_model, tmp_path):
         gold = [line.split("\t") for line in source_lines[1:]]
         assert [row[:2] for row in rows] == [[token, label.replace("OTHER", "MISC")] for token, label in gold]
         assert [row[2] for row in rows] == model_tags(model, processor, [token for token, _ in gold])
+    # ... and the scores of the written columns, as run_mner.py computes them, in the Table 2 layout.
+    columns = [[line.split("\t") for line in lines[1:]] for lines in written]
+    scores = compute_metrics([[r[1] for r in rows] for rows in columns], [[r[2] for r in rows] for rows in columns])
+    assert results_table({"test.txt": scores}) in capsys.readouterr().out
 
 
 def model_tags(model, processor, words: list[str]) -> list[str]:
