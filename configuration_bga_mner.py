@@ -59,7 +59,8 @@ class BgaMnerConfig(PretrainedConfig):
             both towers allow: min(text layers - 1, ViT layers), 11 for BERT-base with ViT-B/32.
         num_object_crops (`int`, defaults to 3): object crops per image besides the global image, so the
             visual sequence has `(1 + num_object_crops) * tokens_per_image` tokens (200 for ViT-B/32).
-        max_text_length (`int`, defaults to 128): the longest text (in sub-words), and so the number of
+        max_text_length (`int`, defaults to 128, or the text tower's positions if fewer): the longest text (in
+            sub-words, special tokens included: the processor's `max_length`), and so the number of
             learnable textual queries Q_t of the image2text generator.
         generator_intermediate_size (`int`, defaults to 2048): feed-forward width of the generators. Each
             generator is one Transformer decoder block; at d=768 it has the paper's 7.9M parameters (G_t2v).
@@ -105,7 +106,7 @@ class BgaMnerConfig(PretrainedConfig):
     vision_config: CLIPVisionConfig | dict | None = None
     num_bga_layers: int | None = None
     num_object_crops: int = 3
-    max_text_length: int = 128
+    max_text_length: int | None = None
     generator_intermediate_size: int = 2048
     generator_dropout: float = 0.1
     gumbel_temperature: float = 1.0
@@ -158,6 +159,8 @@ class BgaMnerConfig(PretrainedConfig):
                 f"keep_ratio_target must be in [0, 1] and keep_ratio_weight >= 0, got {self.keep_ratio_target} "
                 f"and {self.keep_ratio_weight}."
             )
+        if self.max_text_length is None:
+            self.max_text_length = min(128, self.text_positions)
         if self.max_text_length > self.text_positions:
             raise ValueError(
                 f"max_text_length={self.max_text_length} (the processor's max_length) exceeds the text tower's "

@@ -741,6 +741,18 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
             loss=loss, crf_loss=crf_loss, logits=logits, predictions=predictions, marginals=marginals, **generation
         )
 
+    def generated_visual_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """V_hat of the first BGA layer, generated from the text alone (the paper's Fig. 3 compares it with real
+        images): (b, n_t) inputs -> (b, n_v, d_v)."""
+        valid = attention_mask.bool()
+        text = self.text_embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        for layer in self.text_plain_layers:
+            text = layer(text, valid)
+        text_mask = self.bga_layers[0].text_sampler(text, valid, valid.float())
+        return self.generator.generate_visual(text, text_mask, self.generator.query_states(with_text=False))
+
     def _visual_tokens(self, pixel_values: torch.Tensor | None, pixel_mask: torch.Tensor | None) -> VisualTokens | None:
         """The visual sequence after ViT layer 0 for the examples with a global image, or None when the visual
         branch does not run (no images, inference in "generated" mode, a text-only model). All image slots form

@@ -2,6 +2,7 @@
 
     python predict_mner.py --model outputs/bga-mner-twitter2015 --input tweets.txt --output entities.jsonl
     python predict_mner.py --model you/bga-mner --input test.txt --input_format conll --output pred.conll
+    python predict_mner.py --model you/bga-mner --dataset you/twitter2015-mner --split test --output pred.conll
     python predict_mner.py --model outputs/bga-mner-twitter2015 --export_text_only bga-mner-text-only
 
 Inputs: a text file with one text per line (`text`; blank lines are skipped), JSON lines with a `text`
@@ -86,6 +87,22 @@ def read_examples(path: Path, input_format: str) -> list[Example]:
     return examples
 
 
+def dataset_examples(name: str, split: str) -> list[Example]:
+    """The examples of one split of an exported dataset (folder or Hub id), with their gold tags."""
+    import datasets
+
+    try:
+        data = datasets.load_dataset(name, split=split)
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise CorpusFormatError(f"--dataset {name} --split {split}: {str(error).splitlines()[0]}") from None
+    names = data.features["ner_tags"].feature.names
+    examples = []
+    for tokens, tags, image_id in zip(data["tokens"], data["ner_tags"], data["image_id"], strict=True):
+        text, spans = join_words(tokens)
+        examples.append(Example(tokens, spans, text, [names[t] for t in tags], image_id))
+    return examples
+
+
 def _conll_has_labels(path: Path) -> bool:
     """Whether the token lines of a CoNLL file carry a label: all or none of them must (the error names the
     first line that breaks the rule)."""
@@ -152,7 +169,9 @@ def load_model(name: str, device: str):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="A trained BGA-MNER folder or Hub id.")
-    parser.add_argument("--input", type=Path, help="Required unless --export_text_only is given.")
+    parser.add_argument("--input", type=Path, help="Required unless --export_text_only or --dataset is given.")
+    parser.add_argument("--dataset", help="Instead of --input: a dataset from `twitter_mner.py export` (folder or id).")
+    parser.add_argument("--split", default="test", help="The split of --dataset to predict (default: test).")
     parser.add_argument("--output", type=Path, help="Required with --input.")
     parser.add_argument(
         "--export_text_only", type=Path, metavar="DIR", help="Write the text-only inference checkpoint of --model."
@@ -165,17 +184,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_text_only is not None:
         load_model(args.model, "cpu")  # a clear error for a wrong --model
         print(f"Text-only inference checkpoint -> {export_text_only(args.model, args.export_text_only)}")
-        if args.input is None:
+        if args.input is None and args.dataset is None:
             return
-    if args.input is None or args.output is None:
-        parser.error("--input and --output are required (unless only --export_text_only is given)")
-    if not args.input.is_file():
+    if (args.input is None) == (args.dataset is None) or args.output is None:
+        parser.error("give --input or --dataset, and --output (or only --export_text_only)")
+    if args.input is not None and not args.input.is_file():
         parser.error(f"{args.input}: no such file")
     if args.output.is_dir():
         parser.error(f"--output {args.output} is a folder: give a file name, e.g. {args.output / 'predictions.jsonl'}")
     output_format = args.output_format or ("conll" if args.output.suffix == ".conll" else "jsonl")
     try:
-        examples = read_examples(args.input, args.input_format or guess_format(args.input))
+        if args.dataset is not None:
+            examples = dataset_examples(args.dataset, args.split)
+        else:
+            examples = read_examples(args.input, args.input_format or guess_format(args.input))
     except CorpusFormatError as error:
         sys.exit(f"error: {error}")
     model, processor = load_model(args.model, args.device)
@@ -185,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(examples)} examples -> {args.output}")
     if all(example.gold is not None for example in examples):  # a labelled CoNLL file: score it as run_mner does
         gold = [example.gold for example in examples]
-        print(results_table({args.input.name: compute_metrics(gold, tags)}))
+        print(results_table({args.split if args.dataset else args.input.name: compute_metrics(gold, tags)}))
 
 
 if __name__ == "__main__":

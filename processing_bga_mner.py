@@ -9,6 +9,7 @@ merged back.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import warnings
@@ -28,7 +29,7 @@ except ImportError:
 
 logger = logging.getLogger(__name__)
 
-ImageInput = Image.Image | str | Path | None
+ImageInput = Image.Image | str | Path | dict | None  # dict: a `datasets.Image(decode=False)` value
 TEXT_FIELDS = {  # padded field -> padding value
     "input_ids": None,  # the tokenizer's pad id
     "attention_mask": 0,
@@ -227,7 +228,8 @@ class BgaMnerProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """Encodes a batch. Give `words` (pre-split, one list per example, or one example as a list of
         str) or `text` (raw strings, split at white space). `labels`: per word, names or ids.
-        `images`: per example a path, a PIL image or None; `crops`: per example a list of those.
+        `images`: per example a path, a PIL image, a `datasets.Image(decode=False)` dict or None; `crops`: per
+        example a list of those.
 
         Returns one row per window (a single window unless a text exceeds `max_length`): input_ids,
         attention_mask, token_type_ids, prediction_mask (the first sub-word of each word), word_index
@@ -363,6 +365,8 @@ class BgaMnerProcessor(ProcessorMixin):
         return pixel_values, mask
 
     def _open_rgb(self, image: ImageInput) -> Image.Image | None:
+        if isinstance(image, dict):  # {"bytes": ..., "path": ...} from a datasets.Image(decode=False) column
+            image = io.BytesIO(image["bytes"]) if image.get("bytes") else image.get("path")
         if image is None:
             return None
         try:

@@ -42,7 +42,7 @@ from configuration_bga_mner import MAX_IMAGE_PIXELS, MNER_LABELS, bio_labels, en
 from model_card import apply_umask, export_text_only, public_settings, results_table, write_model_card
 from modeling_bga_mner import BgaMnerForTokenClassification
 from processing_bga_mner import BgaMnerDataCollator, BgaMnerProcessor, load_text_tokenizer
-from twitter_mner import CorpusFormatError, load_mner_dataset
+from twitter_mner import CorpusFormatError, load_mner_dataset, without_decoding
 
 logger = logging.getLogger("run_mner")
 # The per-BGA-layer statistics of the mechanism that training logs (fields of the model's output, shape (N,)).
@@ -92,6 +92,10 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_dir: str = field(default=None, metadata={"help": "Folder with train.txt, valid.txt (or dev.txt), test.txt."})
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "A dataset from `twitter_mner.py export` (folder or Hub id); used instead of --data_dir."},
+    )
     dataset_name: str = field(default="conll", metadata={"help": "twitter2015, twitter2017 or conll (any corpus)."})
     label_list: str | None = field(
         default=None,
@@ -192,8 +196,8 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tra
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # HfArgumentParser's "Some specified arguments are not used ..."
         raise UsageError(f"unknown option: {str(error).split(':', 1)[-1].strip()}") from None
-    if data_args.data_dir is None:
-        raise UsageError("--data_dir is required (or a configuration file that sets data_dir).")
+    if data_args.data_dir is None and data_args.dataset is None:
+        raise UsageError("Give --data_dir (a corpus folder) or --dataset (an exported dataset).")
     return model_args, data_args, training_args
 
 
@@ -202,11 +206,15 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tra
 
 
 def load_corpora(data_args: DataArguments, num_crops: int) -> datasets.DatasetDict:
-    """train / validation / test splits; the test split comes from --test_data_dir when given."""
+    """train / validation / test splits, with images left undecoded; the test split comes from --test_data_dir
+    when given."""
     limit = {"max_image_pixels": data_args.max_image_pixels}
-    corpus = load_mner_dataset(
-        data_args.data_dir, data_args.dataset_name, data_args.image_dir, data_args.crop_dir, num_crops, **limit
-    )
+    if data_args.dataset:
+        corpus = load_exported(data_args.dataset, num_crops)
+    else:
+        corpus = load_mner_dataset(
+            data_args.data_dir, data_args.dataset_name, data_args.image_dir, data_args.crop_dir, num_crops, **limit
+        )
     if data_args.test_data_dir:
         other = load_mner_dataset(
             data_args.test_data_dir, "conll", data_args.test_image_dir, data_args.test_crop_dir, num_crops, **limit
@@ -222,7 +230,25 @@ def load_corpora(data_args: DataArguments, num_crops: int) -> datasets.DatasetDi
     if data_args.eval_without_images:
         for split in ("validation", "test"):
             corpus[split] = corpus[split].map(lambda _: {"image": None, "image_status": None, "crops": []})
-    return corpus
+    return without_decoding(corpus)
+
+
+def load_exported(name: str, num_crops: int) -> datasets.DatasetDict:
+    """A dataset written by `twitter_mner.py export` (a folder, or a Hub id once pushed), checked for the splits
+    and columns training reads; at most `num_crops` crops per example are kept."""
+    try:
+        corpus = datasets.load_dataset(name)
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise UsageError(f"--dataset {name}: cannot load it ({str(error).splitlines()[0]}).") from None
+    missing = {"train", "validation", "test"} - set(corpus)
+    columns = {"tokens", "ner_tags", "image", "image_status", "crops", "image_id"}
+    lacking = {split: sorted(columns - set(data.column_names)) for split, data in corpus.items()}
+    if missing or any(lacking.values()):
+        raise UsageError(
+            f"--dataset {name}: not an exported BGA-MNER dataset (missing splits {sorted(missing)}, columns "
+            f"{ {k: v for k, v in lacking.items() if v} }); make one with `python twitter_mner.py export`."
+        )
+    return without_decoding(corpus).map(lambda crops: {"crops": crops[:num_crops]}, input_columns="crops")
 
 
 def image_report(corpus: datasets.DatasetDict) -> dict[str, dict[str, int]]:

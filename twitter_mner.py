@@ -7,7 +7,11 @@ crops are found by file name in HVPNeT's public layout `<crop_dir>/{train,val,te
 <id>_pred_yolo_crop_<k>.png` (HVPNeT's `*_dict.pth` pickles are never read).
 
 `datasets` no longer runs loading scripts: import this module and use `load_mner_dataset(...)`, or
-instantiate `TwitterMner(config_name=..., data_dir=...)` directly.
+instantiate `TwitterMner(config_name=..., data_dir=...)` directly. To share a corpus, export it as Parquet
+with the images embedded (what the Hub serves, and what `datasets.load_dataset(DIR)` reads):
+
+    python twitter_mner.py export --data_dir data/twitter2015 --name twitter2015 \
+        --image_dir data/twitter2015_images --crop_dir data/twitter2015_aux_images --output twitter2015-mner
 """
 
 from __future__ import annotations
@@ -217,10 +221,10 @@ class TwitterMner(datasets.GeneratorBasedBuilder):
                     "image_id": datasets.Value("string"),
                     "tokens": datasets.Sequence(datasets.Value("string")),
                     "ner_tags": datasets.Sequence(datasets.ClassLabel(names=list(self.config.labels()))),
-                    "image": datasets.Value("string"),  # path, or None when there is no usable image file
+                    "image": datasets.Image(),  # decoded lazily; None when there is no usable image file
                     # "ok", or why `image` is None: "missing", "unreadable", "too large"; None without image_dir
                     "image_status": datasets.Value("string"),
-                    "crops": datasets.Sequence(datasets.Value("string")),
+                    "crops": datasets.List(datasets.Image()),
                 }
             ),
         )
@@ -339,3 +343,115 @@ def load_mner_dataset(
             raise error.__cause__ from None  # the file-and-line message, not datasets' generic wrapper
         raise
     return builder.as_dataset()
+
+
+def without_decoding(corpus: datasets.DatasetDict) -> datasets.DatasetDict:
+    """The corpus with `image` and `crops` left undecoded (`{"bytes", "path"}` dicts, which the processor reads),
+    so that mapping over a split or reading a column does not decode every image."""
+    return corpus.cast_column("image", datasets.Image(decode=False)).cast_column(
+        "crops", datasets.List(datasets.Image(decode=False))
+    )
+
+
+SOURCES = {  # the corpora's papers, for the card of an exported dataset
+    "twitter2015": "Zhang et al., Adaptive Co-attention Network for Named Entity Recognition in Tweets (AAAI 2018)",
+    "twitter2017": "Lu et al., Visual Attention Model for Name Tagging in Multimodal Social Media (ACL 2018)",
+}
+
+
+def export(corpus: datasets.DatasetDict, output: str | os.PathLike, name: str) -> Path:
+    """Writes `corpus` as a Parquet dataset with the images and crops embedded (`data/<split>-00000-of-00001.parquet`,
+    the Hub's layout, features kept in the files' metadata) and a dataset card (`README.md`)."""
+    from datasets.table import embed_table_storage
+    from huggingface_hub import DatasetCard
+
+    output = Path(output)
+    (output / "data").mkdir(parents=True, exist_ok=True)
+    for split, data in corpus.items():
+        embedded = data.with_format("arrow").map(embed_table_storage, batched=True, desc=f"embedding {split} images")
+        embedded.with_format(None).to_parquet(output / "data" / f"{split}-00000-of-00001.parquet")
+    train = corpus["train"]
+    labels = train.features["ner_tags"].feature.names
+    sizes = ", ".join(f"{split} {len(data)}" for split, data in corpus.items())
+    images = ", ".join(
+        f"{split} {sum(status == 'ok' for status in data['image_status'])}" for split, data in corpus.items()
+    )
+    source = SOURCES.get(name, "its own authors (see the corpus's release)")
+    configs = [{"split": split, "path": f"data/{split}-*"} for split in corpus]
+    card = f"""---
+license: other
+task_categories:
+- token-classification
+tags:
+- multimodal
+- named-entity-recognition
+- twitter
+pretty_name: {name} (multimodal NER, BGA-MNER export)
+configs:
+- config_name: default
+  data_files:
+{"".join(f"  - split: {c['split']}{chr(10)}    path: {c['path']}{chr(10)}" for c in configs)}---
+
+# {name}: multimodal named-entity recognition in tweets
+
+Tweets with word-level BIO tags and, where available, the tweet's image and object crops, exported by
+`twitter_mner.py export` (BGA-MNER) from the corpus of {source}, in the UMT release's text.
+
+- **Splits (tweets)**: {sizes}; with a usable image: {images}.
+- **Labels** (`ner_tags`, a `ClassLabel`): {", ".join(labels)}.
+- **Features**: `id`, `image_id`, `tokens`, `ner_tags`, `image` (an `Image`, or None), `image_status` ("ok", or
+  why there is no image: "missing", "unreadable", "too large"), `crops` (a list of `Image`: object crops).
+
+```python
+from datasets import load_dataset
+
+corpus = load_dataset("path/to/this/folder-or-hub-id")
+```
+
+## Licence
+
+The tweets, images and annotations remain subject to Twitter's (X's) terms of service and to the terms of the
+corpus's release: check them before redistributing. The export adds no rights.
+
+## Citation
+
+{SOURCES.get(name, "Cite the corpus's authors.")}; the text as released by Yu et al., Improving Multimodal
+Named Entity Recognition via Entity Span Detection with Unified Multimodal Transformer (ACL 2020).
+"""
+    DatasetCard(card).save(output / "README.md")
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Export a corpus as a Parquet dataset with embedded images.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("export", help="Write DIR/data/*.parquet and DIR/README.md.")
+    command.add_argument("--data_dir", required=True, help="Folder with train.txt, valid.txt (or dev.txt), test.txt.")
+    command.add_argument("--name", default="conll", help="twitter2015, twitter2017 or conll (any corpus).")
+    command.add_argument("--image_dir", help="Folder of <id>.jpg images.")
+    command.add_argument("--crop_dir", help="HVPNeT-layout crop folder.")
+    command.add_argument("--num_crops", type=int, default=3)
+    command.add_argument("--output", required=True, help="The dataset folder to write.")
+    command.add_argument("--push_to_hub", metavar="REPO", help="Also upload the folder to this Hub dataset repo.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        corpus = load_mner_dataset(args.data_dir, args.name, args.image_dir, args.crop_dir, args.num_crops)
+    except (CorpusFormatError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    folder = export(corpus, args.output, args.name)
+    print(f"{args.name} -> {folder} (load it with datasets.load_dataset({str(folder)!r}))")
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        repo = api.create_repo(args.push_to_hub, repo_type="dataset", exist_ok=True).repo_id
+        api.upload_folder(repo_id=repo, repo_type="dataset", folder_path=folder)
+        print(f"pushed to https://huggingface.co/datasets/{repo}")
+
+
+if __name__ == "__main__":
+    main()

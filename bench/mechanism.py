@@ -201,12 +201,9 @@ def alignment(output: str, corpus, images: Path, tweets: int = 300, candidates: 
     hits, margins = 0, []
     for i in range(min(tweets, len(split))):
         encoding = processor(words=[split[i]["tokens"]])
-        valid = encoding["attention_mask"].bool()
-        text = model.text_embeddings(input_ids=encoding["input_ids"], token_type_ids=encoding["token_type_ids"])
-        for layer in model.text_plain_layers:
-            text = layer(text, valid)
-        text_mask = model.bga_layers[0].text_sampler(text, valid, valid.float())
-        visual_hat = model.generator.generate_visual(text, text_mask, model.generator.query_states(with_text=False))
+        visual_hat = model.generated_visual_tokens(
+            encoding["input_ids"], encoding["attention_mask"], encoding["token_type_ids"]
+        )
         others = rng.sample([j for j in range(len(split)) if j != i], candidates - 1)
         paths = [str(images / f"{ids[j]}.jpg") for j in [i, *others]]
         pixel_values, pixel_mask = processor.load_images(paths)

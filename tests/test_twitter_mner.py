@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from seqeval.metrics.sequence_labeling import get_entities
 
-from twitter_mner import CorpusFormatError, load_mner_dataset, read_conll
+from twitter_mner import CorpusFormatError, load_mner_dataset, read_conll, without_decoding
 
 
 def entity_counts(dataset) -> dict[str, int]:
@@ -119,9 +119,9 @@ def test_images_and_hvpnet_crops_are_found_and_missing_images_counted(tmp_path, 
         data = load_mner_dataset(
             folder, image_dir=images, crop_dir=tmp_path / "aux", num_crops=3, cache_dir=tmp_path / "c"
         )
-    first, second = data["validation"][0], data["validation"][1]
-    assert first["image"] == str(images / "1.jpg")
-    assert [c.rsplit("/", 3)[1:] for c in first["crops"]] == [
+    first, second = without_decoding(data)["validation"][0], data["validation"][1]
+    assert first["image"]["path"] == str(images / "1.jpg")
+    assert [c["path"].rsplit("/", 3)[1:] for c in first["crops"]] == [
         ["val", "crops", f"1_pred_yolo_crop_{k}.png"] for k in (0, 1, 2)
     ]
     assert second["image"] is None and second["crops"] == []
