@@ -22,6 +22,7 @@ from torch import nn
 from torchcrf import CRF
 from transformers import AutoConfig, AutoModel, CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings
 from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
@@ -384,7 +385,7 @@ def token_kl(target: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor, 
     return total / mask.sum(1).clamp(min=1.0) if reduction == "mean" else total
 
 
-class BgaLayer(nn.Module):
+class BgaLayer(GradientCheckpointingLayer):
     """One bidirectional generative alignment layer (Fig. 2), l = 1..N.
 
     Text: SCS -> G_t2v generates V_hat from the sampled text -> the text extractor (BERT layer l) reads
@@ -554,6 +555,7 @@ class BgaMnerPreTrainedModel(PreTrainedModel):
     config: BgaMnerConfig
     base_model_prefix = "bga_mner"
     main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -641,6 +643,23 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
             for index, layer in enumerate(model.bga_layers[:-1], start=1):
                 layer.visual_extractor.load_state_dict(vit.encoder.layers[index].state_dict())
         return model
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_embeddings.word_embeddings
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers=1):
+        """`activation_checkpointing_enable()` (or the older `gradient_checkpointing_enable()`): each BGA layer is
+        checkpointed as a whole, both branches with their samplers and generators (its random numbers are replayed,
+        so the recomputed masks are the sampled ones); the extractors inside it are not checkpointed again. The plain
+        layers below (text layer 0, ViT layer 0) are checkpointed as transformers checkpoints any layer."""
+        kwargs = (
+            {} if gradient_checkpointing_func is None else {"gradient_checkpointing_func": gradient_checkpointing_func}
+        )
+        super()._set_gradient_checkpointing(enable=enable, every_n_layers=every_n_layers, **kwargs)
+        for layer in self.bga_layers:
+            for extractor in (layer.text_extractor, getattr(layer, "visual_extractor", None)):
+                if extractor is not None:
+                    extractor.gradient_checkpointing = False
 
     def parameter_report(self) -> dict[str, int]:
         """Parameter counts by part. `inference` is what runs on text alone (the paper's 130.3M for

@@ -136,6 +136,9 @@ class TrainingArguments:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (or set by accelerate config)."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute each BGA layer in the backward pass: less memory, more time."}
+    )
     seed: int = 42
     eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (default: each epoch)."})
     checkpointing_steps: str = field(default="epoch", metadata={"help": "'epoch', a step count, or 'no'."})
@@ -623,6 +626,10 @@ def main(argv: list[str] | None = None) -> dict:
         corpus = load_corpora(data_args, model_args.num_object_crops)
     model, processor = load_model_and_processor(model_args, data_args, new_model_labels(corpus, data_args))
     check_label_sets(corpus, processor.label_names, args, data_args)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+        checkpointed = sum(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        logger.info("Gradient checkpointing: %d layers recomputed in the backward pass.", checkpointed)
     with accelerator.main_process_first():
         encoded = tokenize(corpus, processor, train=args.do_train)
 

@@ -347,3 +347,33 @@ def test_towers_of_different_widths_are_bridged_by_projections():
     out = model(**random_batch(model.config))
     assert torch.isfinite(out.loss) and out.reconstruction_loss > 0
     assert model.parameter_report()["modality_projections"] == 2 * 32 * 24 + 32 + 24
+
+
+def test_gradient_checkpointing_recomputes_each_bga_layer_once_with_equal_losses_and_gradients():
+    config = tiny_config(text={"num_hidden_layers": 4}, vision={"num_hidden_layers": 4})
+    torch.manual_seed(0)
+    model = BgaMnerForTokenClassification(config).train()
+    batch = random_batch(config, images=[True, False, True])
+    calls = []
+    for layer in model.bga_layers:
+        layer.text_extractor.register_forward_hook(lambda *_: calls.append(1))
+
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        calls.clear()
+        torch.manual_seed(1)  # the samplers' Gumbel noise and dropout
+        out = model(**batch)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = step()
+    assert len(calls) == 3  # one forward of each of the 3 BGA layers' text extractor
+    model.activation_checkpointing_enable()
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):  # recompute whole layers, to count them
+        full_recompute = step()
+    assert len(calls) == 6  # each BGA layer recomputed once in the backward pass, its extractors not again
+    for checkpointed_loss, checkpointed_grads in (full_recompute, step()):  # and with torch's default early stop
+        assert torch.equal(checkpointed_loss, plain_loss)  # the same random numbers: the same sampled masks
+        assert checkpointed_grads.keys() == plain_grads.keys()
+        for name, grad in plain_grads.items():
+            torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -125,3 +125,13 @@ def test_evaluation_without_images_drops_them_from_dev_and_test_only():
         assert set(corpus[split]["image"]) == {None} and all(crops == [] for crops in corpus[split]["crops"])
         assert corpus[split]["tokens"] == plain[split]["tokens"]
     assert corpus["train"]["image"] == plain["train"]["image"] and corpus["train"]["crops"] == plain["train"]["crops"]
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path):
+    common = [str(SMOKE), "--num_train_epochs", "2", "--do_eval", "false", "--do_predict", "false"]
+    run(*common, "--output_dir", str(tmp_path / "plain"))
+    result = run(*common, "--gradient_checkpointing", "true", "--output_dir", str(tmp_path / "checkpointed"))
+    assert "Gradient checkpointing: 4 layers recomputed" in result.stderr  # 2 BGA layers, text and ViT layer 0
+    plain, checkpointed = (load_file(tmp_path / name / "model.safetensors") for name in ("plain", "checkpointed"))
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], atol=1e-6, rtol=1e-5, msg=key)
