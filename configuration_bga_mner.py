@@ -1,7 +1,7 @@
 """Configuration of BGA-MNER (Chen et al., "Learning Implicit Entity-object Relations by Bidirectional
 Generative Alignment for Multimodal NER", ACM MM 2023).
 
-The model is a BERT-family text branch and a CLIP-ViT visual branch, bridged by BGA layers. The
+The model is a text branch (BERT, RoBERTa, XLM-R or BERTweet) and a CLIP-ViT visual branch, bridged by BGA layers. The
 choices that the paper leaves open are fields here, each with its documented default.
 """
 

@@ -8,7 +8,8 @@ Every epoch (or every `--eval_steps` optimizer steps) the model is evaluated on 
 by dev F1 is kept and finally evaluated on the test split. The output folder is a loadable model
 repository (weights, config with `auto_map`, code, processor, model card), with `results.json` and the
 test predictions in CoNLL form (`token gold pred`). Checkpoints go to `<output_dir>/checkpoints` and
-`--resume_from_checkpoint latest` continues a run exactly where it stopped.
+`--resume_from_checkpoint latest` continues a run exactly where it stopped. The data is a corpus folder
+(`--data_dir`, any BIO label set) or an exported dataset (`--dataset`, see `twitter_mner.py export`).
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ MODEL_INPUTS = (
 
 @dataclass
 class ModelArguments:
-    text_model: str = field(default="bert-base-uncased", metadata={"help": "BERT-family model: Hub id or folder."})
+    text_model: str = field(
+        default="bert-base-uncased", metadata={"help": "BERT, RoBERTa, XLM-R or BERTweet: Hub id or folder."}
+    )
     vision_model: str = field(default="openai/clip-vit-base-patch32", metadata={"help": "CLIP model: id or folder."})
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A trained BGA-MNER folder to start from (instead of the two towers)."}

@@ -2,9 +2,11 @@
 
 Text files: `train.txt`, `valid.txt` (or `dev.txt`), `test.txt` in one folder. Each example is an
 optional `IMGID:<id>` line, then one `token<TAB>label` line per word, and examples are separated by a
-blank line. Twitter2015's OTHER is read as MISC. Images, when given, are `<image_dir>/<id>.jpg`; object
-crops are found by file name in HVPNeT's public layout `<crop_dir>/{train,val,test}/crops/
-<id>_pred_yolo_crop_<k>.png` (HVPNeT's `*_dict.pth` pickles are never read).
+blank line. Twitter2015's OTHER is read as MISC. Labels must be BIO: Twitter2015 / 2017 use the four MNER
+types; any other corpus ("conll") gets BIO over the entity types its files hold (or `label_names`).
+Images, when given, are `<image_dir>/<id>.jpg`; object crops are found by file name in HVPNeT's public
+layout `<crop_dir>/{train,val,test}/crops/<id>_pred_yolo_crop_<k>.png` (HVPNeT's `*_dict.pth` pickles
+are never read).
 
 `datasets` no longer runs loading scripts: import this module and use `load_mner_dataset(...)`, or
 instantiate `TwitterMner(config_name=..., data_dir=...)` directly. To share a corpus, export it as Parquet
