@@ -216,7 +216,7 @@ def load_corpora(data_args: DataArguments, num_crops: int) -> datasets.DatasetDi
     when given."""
     limit = {"max_image_pixels": data_args.max_image_pixels}
     if data_args.dataset:
-        corpus = load_exported(data_args.dataset, num_crops)
+        corpus = load_exported(data_args.dataset)
     else:
         corpus = load_mner_dataset(
             data_args.data_dir, data_args.dataset_name, data_args.image_dir, data_args.crop_dir, num_crops, **limit
@@ -226,6 +226,9 @@ def load_corpora(data_args: DataArguments, num_crops: int) -> datasets.DatasetDi
             data_args.test_data_dir, "conll", data_args.test_image_dir, data_args.test_crop_dir, num_crops, **limit
         )
         corpus["test"] = other["test"]
+    corpus = without_decoding(corpus)  # from here on, nothing decodes an image
+    if data_args.dataset:  # at most the model's crops per example
+        corpus = corpus.map(lambda crops: {"crops": crops[:num_crops]}, input_columns="crops")
     if data_args.max_train_samples is not None:
         corpus["train"] = (
             corpus["train"].shuffle(seed=0).select(range(min(data_args.max_train_samples, len(corpus["train"]))))
@@ -236,12 +239,12 @@ def load_corpora(data_args: DataArguments, num_crops: int) -> datasets.DatasetDi
     if data_args.eval_without_images:
         for split in ("validation", "test"):
             corpus[split] = corpus[split].map(lambda _: {"image": None, "image_status": None, "crops": []})
-    return without_decoding(corpus)
+    return corpus
 
 
-def load_exported(name: str, num_crops: int) -> datasets.DatasetDict:
+def load_exported(name: str) -> datasets.DatasetDict:
     """A dataset written by `twitter_mner.py export` (a folder, or a Hub id once pushed), checked for the splits
-    and columns training reads; at most `num_crops` crops per example are kept."""
+    and columns training reads."""
     try:
         corpus = datasets.load_dataset(name)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
@@ -254,7 +257,7 @@ def load_exported(name: str, num_crops: int) -> datasets.DatasetDict:
             f"--dataset {name}: not an exported BGA-MNER dataset (missing splits {sorted(missing)}, columns "
             f"{ {k: v for k, v in lacking.items() if v} }); make one with `python twitter_mner.py export`."
         )
-    return without_decoding(corpus).map(lambda crops: {"crops": crops[:num_crops]}, input_columns="crops")
+    return corpus
 
 
 def image_report(corpus: datasets.DatasetDict) -> dict[str, dict[str, int]]:
