@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchcrf import CRF
 from transformers import AutoConfig, AutoModel, CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
@@ -647,15 +648,14 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_embeddings.word_embeddings
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers=1):
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers=1
+    ):
         """`activation_checkpointing_enable()` (or the older `gradient_checkpointing_enable()`): each BGA layer is
         checkpointed as a whole, both branches with their samplers and generators (its random numbers are replayed,
         so the recomputed masks are the sampled ones); the extractors inside it are not checkpointed again. The plain
         layers below (text layer 0, ViT layer 0) are checkpointed as transformers checkpoints any layer."""
-        kwargs = (
-            {} if gradient_checkpointing_func is None else {"gradient_checkpointing_func": gradient_checkpointing_func}
-        )
-        super()._set_gradient_checkpointing(enable=enable, every_n_layers=every_n_layers, **kwargs)
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
         for layer in self.bga_layers:
             for extractor in (layer.text_extractor, getattr(layer, "visual_extractor", None)):
                 if extractor is not None:
@@ -731,9 +731,7 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         text_valid = attention_mask.bool()
-        text = self.text_embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        for layer in self.text_plain_layers:  # layer 0 (and the layers below the BGA layers of a deeper tower)
-            text = layer(text, text_valid)
+        text = self._plain_text(input_ids, token_type_ids, text_valid)  # embeddings, layer 0
         visual = self._visual_tokens(pixel_values, pixel_mask)  # ViT layer 0, for the examples with an image
 
         layers = []
@@ -766,11 +764,18 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
         """V_hat of the first BGA layer, generated from the text alone (the paper's Fig. 3 compares it with real
         images): (b, n_t) inputs -> (b, n_v, d_v)."""
         valid = attention_mask.bool()
-        text = self.text_embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        for layer in self.text_plain_layers:
-            text = layer(text, valid)
+        text = self._plain_text(input_ids, token_type_ids, valid)
         text_mask = self.bga_layers[0].text_sampler(text, valid, valid.float())
         return self.generator.generate_visual(text, text_mask, self.generator.query_states(with_text=False))
+
+    def _plain_text(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, text_valid: torch.Tensor
+    ) -> torch.Tensor:
+        """The text embeddings through the text layers below the BGA layers (BERT-base: layer 0): (b, n_t, d_t)."""
+        text = self.text_embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        for layer in self.text_plain_layers:
+            text = layer(text, text_valid)
+        return text
 
     def _visual_tokens(self, pixel_values: torch.Tensor | None, pixel_mask: torch.Tensor | None) -> VisualTokens | None:
         """The visual sequence after ViT layer 0 for the examples with a global image, or None when the visual
