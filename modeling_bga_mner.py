@@ -13,6 +13,7 @@ d_t / d_v = text / vision hidden sizes, C = number of labels.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +43,11 @@ except ImportError:
 # modular_roberta.py), so `TextualFeatureExtractor` is each family's layer.
 TEXT_EMBEDDINGS = {"bert": BertEmbeddings, "roberta": RobertaEmbeddings, "xlm-roberta": XLMRobertaEmbeddings}
 assert set(TEXT_EMBEDDINGS) == set(TEXT_MODEL_TYPES)
+
+# Linear layers that `quantized_int8()` leaves in float32 (measured in BENCHMARKS.md): the text layers below the BGA
+# layers (BERT layer 0: its feed-forward output has activation outliers that one int8 scale per batch loses; alone in
+# int8 it costs 2 test F1 points) and the classifier, whose emissions the CRF reads.
+INT8_KEEPS_FLOAT = ("text_plain_layers.", "classifier")
 
 
 def hybrid_attention(
@@ -557,6 +563,7 @@ class BgaMnerPreTrainedModel(PreTrainedModel):
     base_model_prefix = "bga_mner"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
+    _keep_in_fp32_modules_strict = ["crf"]  # `from_pretrained(..., dtype=torch.bfloat16)`: Viterbi scores in float32
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -685,6 +692,19 @@ class BgaMnerForTokenClassification(BgaMnerPreTrainedModel):
         inference = ("text_branch", "text_sampler", "text_to_image_generator", "modality_projections")
         report["inference"] = sum(report[part] for part in inference) + report["classifier_and_crf"]
         return report
+
+    def quantized_int8(self) -> BgaMnerForTokenClassification:
+        """A copy for CPU inference whose linear layers compute in int8 (torch's dynamic quantization: int8 weights,
+        int8 activations with one scale per batch), but those of `INT8_KEEPS_FLOAT`. Predicts from text alone; it
+        cannot be trained or saved. `predict_mner.py --quantize int8`; speed and F1 in BENCHMARKS.md."""
+        names = {
+            name
+            for name, module in self.named_modules()
+            if isinstance(module, nn.Linear) and not name.startswith(INT8_KEEPS_FLOAT)
+        }
+        with warnings.catch_warnings():  # torch 2.10+ names torchao as the successor (slower on CPU, BENCHMARKS.md)
+            warnings.simplefilter("ignore")
+            return torch.ao.quantization.quantize_dynamic(self.eval(), names, dtype=torch.qint8)
 
     def to_text_only(self) -> BgaMnerForTokenClassification:
         """A copy holding only what runs on text (config `text_only=True`): no vision tower, visual

@@ -13,6 +13,10 @@ IMGID line. Outputs: JSON lines (`jsonl`: the text, its words' tags and its enti
 start, end, score) or CoNLL (`conll`: `token<TAB>prediction`, or `token<TAB>gold<TAB>prediction` when the
 input had labels; the scores are then printed, as run_mner.py computes them). Long texts are split into
 windows as the processor does; no word is dropped.
+
+Faster inference: `--quantize int8` (CPU: the linear layers of the BGA layers and the generator in int8 with
+dynamic activation scales, torch's dynamic quantization) or `--dtype bfloat16` (weights and activations in
+bfloat16, the CRF in float32; for GPUs and CPUs with AMX). BENCHMARKS.md gives their speed and F1 change.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForTokenClassification, AutoProcessor
 
@@ -33,6 +38,7 @@ from run_mner import compute_metrics
 from twitter_mner import CorpusFormatError, read_conll, read_lines
 
 FORMATS = ("text", "jsonl", "conll")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -166,6 +172,25 @@ def load_model(name: str, device: str):
         sys.exit(f"error: --model {name}: {where} ({str(error).splitlines()[0]})")
 
 
+def prepare_for_inference(model: nn.Module, dtype: str = "float32", quantize: str = "none") -> nn.Module:
+    """The model in the numeric precision to predict with (in eval mode; int8 returns a quantized copy).
+
+    dtype: "float32", or "bfloat16" / "float16" for weights and activations, with the CRF kept in float32 (its
+    Viterbi and marginals run in float32 either way). quantize "int8" (CPU, float32): `model.quantized_int8()`."""
+    model.eval()
+    if quantize == "int8":
+        if dtype != "float32" or next(model.parameters()).device.type != "cpu":
+            raise ValueError("--quantize int8 runs on the CPU in float32 (torch's dynamic quantization).")
+        return model.quantized_int8()
+    if quantize != "none":
+        raise ValueError(f"quantize must be 'none' or 'int8', not {quantize!r}")
+    if dtype != "float32":
+        model.to(getattr(torch, dtype))
+        if hasattr(model, "crf"):
+            model.crf.float()
+    return model
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="A trained BGA-MNER folder or Hub id.")
@@ -180,7 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_format", choices=("jsonl", "conll"), help="Default: from --output's ending.")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="Precision of weights and activations.")
+    parser.add_argument(
+        "--quantize", choices=("none", "int8"), default="none", help="int8: dynamic quantization (CPU)."
+    )
     args = parser.parse_args(argv)
+    if args.quantize == "int8" and (args.dtype != "float32" or args.device != "cpu"):
+        parser.error("--quantize int8 runs on the CPU in float32: give --device cpu and no --dtype")
     if args.export_text_only is not None:
         load_model(args.model, "cpu")  # a clear error for a wrong --model
         print(f"Text-only inference checkpoint -> {export_text_only(args.model, args.export_text_only)}")
@@ -201,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     except CorpusFormatError as error:
         sys.exit(f"error: {error}")
     model, processor = load_model(args.model, args.device)
+    model = prepare_for_inference(model, args.dtype, args.quantize)
     tags, scores = predict(model, processor, examples, args.batch_size)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_output(args.output, output_format, examples, tags, scores)

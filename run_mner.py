@@ -163,7 +163,13 @@ class TrainingArguments:
     )
     logging_steps: int = 20
     report_to: str | None = field(default=None, metadata={"help": "Accelerate trackers: tensorboard, wandb, all."})
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: int = field(
+        default=0,
+        metadata={
+            "help": "Processes that decode and resize the images while the model trains (0: in the training "
+            "process). Batches, their order and an exact resume are the same for any number."
+        },
+    )
     push_to_hub: bool = False
     hub_model_id: str | None = None
     export_text_only: str | None = field(

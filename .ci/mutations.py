@@ -47,7 +47,7 @@ MUTATIONS = [
         "checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint "
         "else None",
         "checkpoint = None",
-        ("tests/test_run_mner.py::test_an_interrupted_run_resumed_ends_with_the_same_weights",),
+        ("tests/test_run_mner.py::test_an_interrupted_run_resumed_with_loader_workers_ends_with_the_same_weights",),
     ),
     Mutation(
         "best_model_is_the_last_one",
@@ -135,6 +135,23 @@ MUTATIONS = [
         '"predictions": output.predictions,',
         '"predictions": output.logits.argmax(-1),',
         ("tests/test_inference.py::test_pipeline_entities_are_the_crf_viterbi_path_not_the_emission_arg_max",),
+    ),
+    Mutation(
+        "int8_quantizes_layer_0_and_the_classifier_too",
+        "modeling_bga_mner.py",
+        "if isinstance(module, nn.Linear) and not name.startswith(INT8_KEEPS_FLOAT)",
+        "if isinstance(module, nn.Linear)",
+        (
+            "tests/test_inference.py::"
+            "test_int8_quantizes_the_bga_layers_keeps_layer_0_and_the_classifier_and_predicts_in_the_same_format",
+        ),
+    ),
+    Mutation(
+        "bfloat16_crf",
+        "predict_mner.py",
+        "            model.crf.float()",
+        "            pass",
+        ("tests/test_inference.py::test_bfloat16_computes_in_bfloat16_with_a_float32_crf",),
     ),
     Mutation(
         "prediction_column_holds_the_gold_label",

@@ -18,6 +18,7 @@ from transformers import AutoModelForTokenClassification, pipeline
 from model_card import build_model_card, results_table
 from modeling_bga_mner import BgaMnerForTokenClassification, LinearChainCrf
 from predict_mner import main as predict_main
+from predict_mner import prepare_for_inference
 from processing_bga_mner import entities_from_tags, split_words
 from run_mner import compute_metrics
 
@@ -278,3 +279,77 @@ def test_pipeline_entities_are_the_crf_viterbi_path_not_the_emission_arg_max(tmp
     words = ner(text, aggregation_strategy="none")
     assert [w["entity"] for w in words] == ["B-PER", "I-PER", "I-PER"]
     assert [w["score"] for w in words] == pytest.approx(marginal, abs=1e-5)
+
+
+def float_words(model, processor, texts: list[str]):
+    """(logits over the predicted positions, the words' tags) of `model` on `texts`, in float32."""
+    encoding = processor(text=texts)
+    with torch.inference_mode():
+        outputs = model(**encoding)
+    chosen = outputs.predictions >= 0
+    return outputs.logits.float()[chosen], processor.decode_predictions(outputs.predictions, encoding)
+
+
+def test_int8_quantizes_the_bga_layers_keeps_layer_0_and_the_classifier_and_predicts_in_the_same_format(
+    saved_model, tmp_path
+):
+    folder, model, processor = saved_model
+    loaded = AutoModelForTokenClassification.from_pretrained(folder, trust_remote_code=True)
+    linear = {name for name, m in loaded.named_modules() if type(m) is torch.nn.Linear}
+    quantized = prepare_for_inference(loaded, quantize="int8")
+    kinds = {name: m._get_name() for name, m in quantized.named_modules() if name in linear}  # the class, as printed
+    kept = {name for name in linear if name.startswith(("text_plain_layers.", "classifier"))}
+    assert len(linear) > 40 and len(kept) == 7  # BERT layer 0's six linear layers and the classifier
+    assert {kinds[name] for name in kept} == {"Linear"}
+    assert {kinds[name] for name in linear - kept} == {"DynamicQuantizedLinear"}
+    # The arithmetic really is int8: the emissions move, by little, and the words keep their tags.
+    reference, tags = float_words(model, processor, TWEETS)
+    logits, int8_tags = float_words(quantized, processor, TWEETS)
+    error, spread = (logits - reference).abs().max().item(), (reference - reference.mean(0)).std().item()
+    assert 0 < error < 0.05 * spread, (error, spread)  # not float32, and small against the input-dependent part
+    agree = [a == b for x, y in zip(tags, int8_tags, strict=True) for a, b in zip(x, y, strict=True)]
+    assert sum(agree) / len(agree) >= 0.9
+    # The pipeline recipe of the README: same keys, types and offsets as the float32 pipeline.
+    ner = pipeline("token-classification", model=str(folder), trust_remote_code=True, aggregation_strategy="simple")
+    expected = [ner(text) for text in TWEETS]
+    ner.model = ner.model.quantized_int8()
+    for text, float_entities in zip(TWEETS, expected, strict=True):
+        entities = ner(text)
+        assert all(e.keys() == {"entity_group", "score", "word", "start", "end"} for e in entities)
+        assert all(text[e["start"] : e["end"]] == e["word"] and 0 < e["score"] <= 1 for e in entities)
+        assert all(isinstance(e["score"], type(f["score"])) for e in entities for f in float_entities)
+    # The prediction command: the same output lines as float32, most words with the same tag.
+    (tmp_path / "tweets.txt").write_text("\n".join(TWEETS) + "\n", encoding="utf-8")
+    for flags, name in [((), "float.jsonl"), (("--quantize", "int8"), "int8.jsonl")]:
+        assert predict("--model", str(folder), "--input", str(tmp_path / "tweets.txt"), "--output",
+                       str(tmp_path / name), "--device", "cpu", *flags) is None  # fmt: skip
+    lines = [[json.loads(x) for x in (tmp_path / n).read_text().splitlines()] for n in ("float.jsonl", "int8.jsonl")]
+    assert [r.keys() for r in lines[0]] == [r.keys() for r in lines[1]]
+    assert [r["text"] for r in lines[1]] == TWEETS and [r["tags"] for r in lines[1]] == int8_tags
+
+
+def test_bfloat16_computes_in_bfloat16_with_a_float32_crf(saved_model, tmp_path, capsys):
+    folder, model, processor = saved_model
+    for half in (
+        prepare_for_inference(
+            AutoModelForTokenClassification.from_pretrained(folder, trust_remote_code=True), "bfloat16"
+        ),
+        AutoModelForTokenClassification.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16),
+    ):
+        dtypes = {name: p.dtype for name, p in half.named_parameters()}
+        assert {d for name, d in dtypes.items() if not name.startswith("crf.")} == {torch.bfloat16}
+        assert {d for name, d in dtypes.items() if name.startswith("crf.")} == {torch.float32}
+        with torch.inference_mode():
+            assert half(**processor(text=TWEETS[:2])).logits.dtype == torch.bfloat16
+        reference, tags = float_words(model, processor, TWEETS)
+        logits, half_tags = float_words(half, processor, TWEETS)
+        error, spread = (logits - reference).abs().max().item(), (reference - reference.mean(0)).std().item()
+        assert 0 < error < 0.05 * spread, (error, spread)
+        agree = [a == b for x, y in zip(tags, half_tags, strict=True) for a, b in zip(x, y, strict=True)]
+        assert sum(agree) / len(agree) >= 0.9
+    ner = pipeline("token-classification", model=str(folder), trust_remote_code=True, dtype=torch.bfloat16)
+    assert ner.model.crf.transitions.dtype == torch.float32 and ner.model.classifier.weight.dtype == torch.bfloat16
+    assert all(TWEETS[1][e["start"] : e["end"]] == e["word"] for e in ner(TWEETS[1]))
+    assert predict("--model", str(folder), "--input", str(tmp_path / "x.txt"), "--output", str(tmp_path / "y.jsonl"),
+                   "--quantize", "int8", "--dtype", "bfloat16") == "2"  # fmt: skip
+    assert "--quantize int8 runs on the CPU in float32" in capsys.readouterr().err

@@ -96,7 +96,9 @@ def test_smoke_configuration_trains_and_leaves_a_loadable_model_repository(smoke
     assert f1 == [round(100 * results["test"]["overall"]["f1"], 2)]
 
 
-def test_an_interrupted_run_resumed_ends_with_the_same_weights(tmp_path):
+def test_an_interrupted_run_resumed_with_loader_workers_ends_with_the_same_weights(tmp_path):
+    """The straight run loads batches in the training process; the interrupted one in two worker processes, in both
+    legs: the same weights prove the same batches in the same order, and an exact resume with workers."""
     common = [
         str(SMOKE),
         "--num_train_epochs",
@@ -107,11 +109,12 @@ def test_an_interrupted_run_resumed_ends_with_the_same_weights(tmp_path):
         "epoch",
     ]
     run(*common, "--output_dir", str(tmp_path / "straight"))
-    stopped = run(*common, "--output_dir", str(tmp_path / "resumed"), "--max_steps_per_run", "3")
+    workers = ("--dataloader_num_workers", "2", "--output_dir", str(tmp_path / "resumed"))
+    stopped = run(*common, *workers, "--max_steps_per_run", "3")
     assert "Stopped after 3 steps" in stopped.stderr
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     assert (tmp_path / "resumed" / "checkpoints" / "step_3").is_dir()  # mid-epoch: 5 steps per epoch
-    resumed = run(*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest")
+    resumed = run(*common, *workers, "--resume_from_checkpoint", "latest")
     assert re.search(r"Resumed from \S+step_3 \(step 3, epoch 0\)", resumed.stderr)
     assert json.loads((tmp_path / "resumed" / "results.json").read_text())["resumed_from_step"] == 3
     for name in ("checkpoints/step_10/model.safetensors", "model.safetensors"):
