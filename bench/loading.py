@@ -26,6 +26,9 @@ from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from speed import tokenizer_for  # noqa: E402  (the BERT-base-sized vocabulary built from the texts)
 
 from processing_bga_mner import BgaMnerDataCollator, BgaMnerProcessor  # noqa: E402
 
@@ -65,12 +68,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="Batches of 16 tweets timed per worker count.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
-    from transformers import BertTokenizerFast, CLIPImageProcessorPil
+    from transformers import CLIPImageProcessorPil
 
     words = texts(16 * args.batches)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted({w.lower() for t in words for w in t})]
-    tokenizer = BertTokenizerFast(vocab={piece: i for i, piece in enumerate(vocab)})
-    processor = BgaMnerProcessor(CLIPImageProcessorPil(), tokenizer, max_length=128, num_object_crops=3)
+    processor = BgaMnerProcessor(CLIPImageProcessorPil(), tokenizer_for(words), max_length=128, num_object_crops=3)
     results = {"torch_threads": torch.get_num_threads(), "tweets_per_second": {}}
     with tempfile.TemporaryDirectory() as folder:
         images = write_images(Path(folder), 64)
